@@ -1,0 +1,168 @@
+//! Cluster configuration: raw YAML → merged inputs → validated settings.
+//!
+//! The types in this file are the validated layer: once a [`ClusterConfig`]
+//! exists, every address, CIDR and name in it is well-formed and consistent,
+//! so the phases never re-check them.
+
+mod diagnostics;
+mod load;
+mod raw;
+mod validate;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+
+pub use diagnostics::{Diagnostic, Severity, ValidationReport};
+pub use load::{ConfigError, load};
+
+/// File names inside the config directory.
+pub const CLUSTER_FILE: &str = "cluster.yaml";
+pub const NODES_DIR: &str = "nodes";
+pub const IDENTITY_FILE: &str = "node-identity";
+pub const JOIN_SECRET_FILE: &str = "secrets/join-secret";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// Where the configuration was read from (for messages).
+    pub source_dir: PathBuf,
+    pub cluster: ClusterSettings,
+    /// Nodes in the order they are declared in cluster.yaml.
+    pub nodes: Vec<NodeSpec>,
+    /// Non-fatal findings (e.g. an even number of control-plane nodes).
+    pub warnings: Vec<Diagnostic>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSettings {
+    pub name: String,
+    pub k8s_version: String,
+    pub control_plane_endpoint: Endpoint,
+    pub networking: Networking,
+    pub bootstrap: BootstrapSettings,
+    pub etcd: EtcdSettings,
+    /// `None` when cluster.yaml has no `ceph:` section (then no node may carry
+    /// the ceph-mon role).
+    pub ceph: Option<CephNetworks>,
+}
+
+/// `host:port`; host is an IPv4 address or a DNS name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Networking {
+    pub pod_cidr: Ipv4Net,
+    pub service_cidr: Ipv4Net,
+    pub dns_domain: String,
+    pub gateway: Option<Ipv4Addr>,
+    pub dns_servers: Vec<Ipv4Addr>,
+    pub prefix_length: u8,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BootstrapSettings {
+    pub token_ttl: Duration,
+    pub join_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdSettings {
+    pub client_port: u16,
+    pub peer_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CephNetworks {
+    pub public_network: Ipv4Net,
+    pub cluster_network: Ipv4Net,
+}
+
+/// What a node is configured to be. `master` in YAML is a synonym of
+/// `control-plane`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NodeRole {
+    ControlPlane,
+    Worker,
+    CephMon,
+}
+
+impl NodeRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeRole::ControlPlane => "control-plane",
+            NodeRole::Worker => "worker",
+            NodeRole::CephMon => "ceph-mon",
+        }
+    }
+}
+
+/// A MAC address, stored normalised (lower case, colon separated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// Accepts `aa:bb:cc:dd:ee:ff` and `aa-bb-cc-dd-ee-ff`, any case.
+    pub fn parse(text: &str) -> Option<MacAddr> {
+        let parts: Vec<&str> = text.trim().split([':', '-']).collect();
+        if parts.len() != 6 {
+            return None;
+        }
+        let mut bytes = [0u8; 6];
+        for (byte, part) in bytes.iter_mut().zip(parts) {
+            if part.len() != 2 {
+                return None;
+            }
+            *byte = u8::from_str_radix(part, 16).ok()?;
+        }
+        Some(MacAddr(bytes))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSpec {
+    pub name: String,
+    pub hostname: String,
+    pub ip: Ipv4Addr,
+    pub roles: BTreeSet<NodeRole>,
+    pub mac_addresses: Vec<MacAddr>,
+}
+
+impl NodeSpec {
+    pub fn has_role(&self, role: NodeRole) -> bool {
+        self.roles.contains(&role)
+    }
+    pub fn is_control_plane(&self) -> bool {
+        self.has_role(NodeRole::ControlPlane)
+    }
+}
+
+impl ClusterConfig {
+    pub fn node(&self, name: &str) -> Option<&NodeSpec> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+}

@@ -1,0 +1,112 @@
+//! Crash-safe file writes: temp file in the same directory → fsync → rename →
+//! fsync the directory. A reader sees the old content or the new, never a
+//! torn file, whatever instant the machine dies at.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Mode for files holding keys, tokens and secrets.
+pub const SECRET_MODE: u32 = 0o600;
+/// Mode for ordinary files the agent writes.
+pub const PUBLIC_MODE: u32 = 0o644;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write {path}: {source}")]
+pub struct WriteError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Atomically replaces `path` with `contents`, creating parent directories.
+/// The file has `mode` from its first byte on, so a secret is never readable
+/// by others, not even briefly.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), WriteError> {
+    write_atomic_inner(path, contents, mode).map_err(|source| WriteError {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn write_atomic_inner(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // An existing temp file from a crashed run keeps its old mode; fix it.
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Flushes a directory's entries (new names, renames) to disk.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Reads a file, mapping "not found" to `None`.
+pub fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates a directory (and parents) with `mode` on the last component.
+pub fn create_dir_with_mode(path: &Path, mode: u32) -> io::Result<()> {
+    fs::create_dir_all(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_with_mode_and_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/b/secret");
+        write_atomic(&path, b"one", SECRET_MODE).unwrap();
+        write_atomic(&path, b"two", SECRET_MODE).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let leftovers: Vec<_> = fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 1, "no temp files left: {leftovers:?}");
+    }
+
+    #[test]
+    fn read_optional_maps_missing_to_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(read_optional(&dir.path().join("nope")).unwrap().is_none());
+    }
+}
