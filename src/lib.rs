@@ -4,3 +4,4 @@
 pub mod config;
 pub mod fsutil;
 pub mod paths;
+pub mod wait;
