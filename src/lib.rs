@@ -2,6 +2,33 @@
 //! cluster with a Ceph monitor quorum, crash-safely and without a human.
 
 pub mod config;
+pub mod dbus;
+pub mod engine;
 pub mod fsutil;
+pub mod identity;
+pub mod notify;
 pub mod paths;
+pub mod phases;
+pub mod role;
+pub mod state;
+mod step_error;
 pub mod wait;
+
+/// `outer: middle: inner` — every cause, so the operator sees the root one.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // thiserror's `transparent` and `{source}` formats already repeat it.
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+pub mod cli;
+pub mod cmd;
+pub mod logging;

@@ -78,18 +78,17 @@ where
 {
     let start = Instant::now();
     let deadline = start + timeout;
-    let mut last_seen = None;
     loop {
-        match probe().await {
+        let last_seen = match probe().await {
             Poll::Ready(value) => return Ok(value),
-            Poll::Pending(seen) => last_seen = Some(seen),
-        }
+            Poll::Pending(seen) => seen,
+        };
         let now = Instant::now();
         if now >= deadline {
             return Err(WaitTimeout {
                 what: what.to_string(),
                 waited: now - start,
-                last_seen,
+                last_seen: Some(last_seen),
             });
         }
         let delay = backoff.next_delay().min(deadline - now);
@@ -105,13 +104,18 @@ mod tests {
     #[tokio::test]
     async fn returns_as_soon_as_ready() {
         let calls = AtomicU32::new(0);
-        let value = poll_until("thing", Duration::from_secs(5), Backoff::local(), || async {
-            if calls.fetch_add(1, Ordering::SeqCst) >= 3 {
-                Poll::Ready(7)
-            } else {
-                Poll::Pending("not yet".into())
-            }
-        })
+        let value = poll_until(
+            "thing",
+            Duration::from_secs(5),
+            Backoff::local(),
+            || async {
+                if calls.fetch_add(1, Ordering::SeqCst) >= 3 {
+                    Poll::Ready(7)
+                } else {
+                    Poll::Pending("not yet".into())
+                }
+            },
+        )
         .await
         .unwrap();
         assert_eq!(value, 7);
@@ -129,7 +133,10 @@ mod tests {
         .await
         .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("etcd health") && text.contains("connection refused"), "{text}");
+        assert!(
+            text.contains("etcd health") && text.contains("connection refused"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,0 +1,95 @@
+//! Command-line interface. Every global option has an environment fallback
+//! so the systemd unit and the lab can configure the agent without flags.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cluster-agent",
+    version,
+    about = "Turns freshly booted bare-metal machines into a Kubernetes cluster with a Ceph monitor quorum",
+    after_help = "Exit codes: 0 success, 1 runtime failure, 2 configuration or usage error, \
+                  3 another agent holds the lock, 4 (status only) bootstrap still in progress."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Configuration directory [default: <root>/etc/cluster-config; CONFIG_DIR is honoured too]
+    #[arg(long, global = true, env = "CLUSTER_CONFIG_DIR")]
+    pub config_dir: Option<PathBuf>,
+    /// State directory [default: <root>/var/lib/cluster-state]
+    #[arg(long, global = true, env = "CLUSTER_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Prefix for every host path the agent reads or writes
+    #[arg(long, global = true, env = "CLUSTER_ROOT", default_value = "/")]
+    pub root: PathBuf,
+    /// This node's name, overriding node-identity and MAC matching
+    #[arg(long, global = true, env = "CLUSTER_NODE")]
+    pub node: Option<String>,
+    /// Machine-readable JSON output
+    #[arg(long, global = true, env = "CLUSTER_AGENT_JSON")]
+    pub json: bool,
+    /// How components are run: systemd over D-Bus, or detached processes
+    /// (tests, the lab, machines without systemd)
+    #[arg(long, global = true, env = "CLUSTER_SERVICES", value_enum, default_value_t = ServicesArg::Auto)]
+    pub services: ServicesArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ServicesArg {
+    /// systemd when `<root>/run/systemd/system` exists, else process
+    Auto,
+    Systemd,
+    Process,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the configuration, work out this node's role and run its phases
+    Run,
+    /// Print the phases and steps `run` would execute; touches nothing
+    Plan(PlanArgs),
+    /// Check the configuration and report every problem at once
+    Validate,
+    /// Show this node's bootstrap progress
+    Status,
+    /// Forget this node's bootstrap state so the next `run` starts clean
+    Reset(ResetArgs),
+    /// Write a new cluster join secret (32 random bytes, mode 0600)
+    GenJoinSecret(GenJoinSecretArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Plan every node in the configuration instead of this one
+    #[arg(long)]
+    pub all_nodes: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ResetArgs {
+    /// Do it without asking
+    #[arg(long)]
+    pub yes: bool,
+    /// List what would be removed and change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GenJoinSecretArgs {
+    /// Where to write it [default: <config-dir>/secrets/join-secret]
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Replace an existing secret (nodes holding the old one can no longer join)
+    #[arg(long)]
+    pub force: bool,
+}

@@ -1,0 +1,30 @@
+//! Errors a step can fail with: one variant per external system, each
+//! carrying enough context to tell the operator what to do.
+
+use std::path::PathBuf;
+
+use crate::fsutil::WriteError;
+use crate::state::StateError;
+use crate::wait::WaitTimeout;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Wait(#[from] WaitTimeout),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("D-Bus call {call} failed: {source}")]
+    Dbus {
+        call: &'static str,
+        #[source]
+        source: zbus::Error,
+    },
+}
