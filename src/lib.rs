@@ -32,3 +32,4 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 pub mod cli;
 pub mod cmd;
 pub mod logging;
+pub mod etcd;

@@ -1,0 +1,5 @@
+//! etcd: the client seam and the bootstrap logic built on it.
+
+mod client;
+
+pub use client::{ClientTls, EtcdClient, EtcdError, Member, member_id_hex};
