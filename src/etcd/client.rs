@@ -42,6 +42,13 @@ pub enum EtcdError {
 }
 
 impl EtcdError {
+    /// etcd's answer to promoting a member that is already a voter (the
+    /// not-in-sync refusal shares its prefix).
+    pub fn is_already_voter(&self) -> bool {
+        let text = self.to_string();
+        text.contains("can only promote a learner member") && !text.contains("in sync")
+    }
+
     /// Errors etcd documents as transient during membership changes: the
     /// strict reconfiguration check right after a promotion, the one-learner
     /// limit while another node joins, a learner not yet in sync, and plain
@@ -106,6 +113,7 @@ pub fn member_id_hex(id: u64) -> String {
     format!("{id:x}")
 }
 
+#[derive(Clone)]
 pub struct EtcdClient {
     inner: Client,
     endpoints: String,
@@ -158,17 +166,18 @@ impl EtcdClient {
         Ok(())
     }
 
-    /// The id of the member that answered (the one at the endpoint when a
-    /// single endpoint was given).
-    pub async fn local_member_id(&mut self) -> Result<u64, EtcdError> {
+    /// The answering member's id, once it knows a leader (learners included,
+    /// which cannot serve the linearizable read `check_health` makes).
+    pub async fn local_member_with_leader(&mut self) -> Result<u64, EtcdError> {
         let status = self.inner.status().await.map_err(self.api())?;
-        status
-            .header()
-            .map(|h| h.member_id())
-            .ok_or(EtcdError::Incomplete {
+        let id = status.header().map(|h| h.member_id()).unwrap_or(0);
+        if id == 0 || status.leader() == 0 {
+            return Err(EtcdError::Incomplete {
                 endpoints: self.endpoints.clone(),
-                what: "a response header",
-            })
+                what: "a leader",
+            });
+        }
+        Ok(id)
     }
 
     /// Adds a learner; returns its id and the member list etcd reports after

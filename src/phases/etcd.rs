@@ -1,0 +1,504 @@
+//! Phase `etcd` on control-plane nodes: shared CAs, this node's
+//! certificates, then etcd itself — founded as a single member by
+//! master-first, joined as learner → promoted by everyone else. Never a
+//! second cluster, never a member added twice.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::net::TcpStream;
+
+use crate::engine::{Context, Outcome, Phase, Step, StepError};
+use crate::etcd::topology::{self, EtcdRecord, Formation};
+use crate::etcd::{EtcdClient, EtcdError, Member, member_id_hex};
+use crate::fsutil::{self, PUBLIC_MODE};
+use crate::pki::{self, CaSource};
+use crate::role::Role;
+use crate::services;
+use crate::state::Marker;
+use crate::wait::{self, Backoff, Poll};
+
+pub const PHASE: &str = "etcd";
+/// Shared CA material for joining control-plane nodes, until the join
+/// service delivers it over the network.
+pub const CA_IMPORT_DIR: &str = "pki";
+pub const RECORD_FILE: &str = "etcd-bootstrap.json";
+/// How long a joiner waits for an existing healthy cluster.
+const CLUSTER_WAIT: Duration = Duration::from_secs(600);
+/// How long a membership change may be refused as transient (strict
+/// reconfiguration check, one-learner limit) before we give up.
+const MEMBERSHIP_WAIT: Duration = Duration::from_secs(300);
+const READY_WAIT: Duration = Duration::from_secs(120);
+/// A peer whose etcd port does not accept a TCP connection in this time is
+/// taken as not running etcd.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+pub fn phase() -> Phase {
+    Phase {
+        name: PHASE,
+        requires: vec![super::node::PHASE],
+        steps: vec![
+            Box::new(Discover),
+            Box::new(PkiCas),
+            Box::new(PkiCerts),
+            Box::new(MemberAdd),
+            Box::new(Configure),
+            Box::new(Start),
+            Box::new(Promote),
+        ],
+    }
+}
+
+fn record_path(ctx: &Context) -> std::path::PathBuf {
+    ctx.paths.state_file(RECORD_FILE)
+}
+
+fn load_record(ctx: &Context) -> Result<Option<EtcdRecord>, StepError> {
+    let path = record_path(ctx);
+    let Some(bytes) = fsutil::read_optional(&path).map_err(|source| StepError::Read {
+        path: path.clone(),
+        source,
+    })?
+    else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| StepError::Corrupt {
+            path,
+            reason: e.to_string(),
+        })
+}
+
+fn require_record(ctx: &Context) -> Result<EtcdRecord, StepError> {
+    load_record(ctx)?.ok_or_else(|| StepError::Precondition(format!(
+        "{} is missing although etcd-discover completed; run `cluster-agent reset` on this node",
+        record_path(ctx).display()
+    )))
+}
+
+fn save_record(ctx: &Context, record: &EtcdRecord) -> Result<(), StepError> {
+    let bytes = serde_json::to_vec_pretty(record).expect("record serialises");
+    fsutil::write_atomic(&record_path(ctx), &bytes, PUBLIC_MODE)?;
+    Ok(())
+}
+
+fn my_peer_url(ctx: &Context) -> String {
+    topology::peer_url(&ctx.config, &ctx.node)
+}
+
+async fn connect(ctx: &Context, endpoints: &[String]) -> Result<EtcdClient, StepError> {
+    Ok(EtcdClient::connect(endpoints, &topology::agent_tls(&ctx.paths)).await?)
+}
+
+/// Is anything listening on a peer's etcd client port? Needs no
+/// credentials, so it works before this node has any PKI (a re-imaged
+/// master-first). Only a node that founded or joined a cluster runs etcd.
+async fn peer_etcd_listening(ctx: &Context) -> Option<String> {
+    let probes = topology::peer_client_urls(&ctx.config, &ctx.node)
+        .into_iter()
+        .map(|url| async move {
+            let addr = url.trim_start_matches("https://").to_string();
+            match tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(&addr)).await {
+                Ok(Ok(_)) => Some(url),
+                _ => None,
+            }
+        });
+    futures_first_some(probes).await
+}
+
+async fn futures_first_some<F>(probes: impl Iterator<Item = F>) -> Option<String>
+where
+    F: std::future::Future<Output = Option<String>> + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    for p in probes {
+        set.spawn(p);
+    }
+    while let Some(result) = set.join_next().await {
+        if let Ok(Some(url)) = result {
+            return Some(url);
+        }
+    }
+    None
+}
+
+struct Discover;
+
+#[async_trait]
+impl Step for Discover {
+    fn name(&self) -> &'static str {
+        "etcd-discover"
+    }
+    fn summary(&self) -> &'static str {
+        "decide: found a single-member cluster (master-first, no etcd on peers) or join one"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        Ok(load_record(ctx)?.is_some())
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        let formation = match ctx.role {
+            Role::MasterFirst => {
+                ctx.progress.waiting("a probe of the other control-plane nodes' etcd");
+                match peer_etcd_listening(ctx).await {
+                    Some(url) => {
+                        tracing::warn!(peer = %url, "etcd already runs on a peer: joining that cluster instead of founding a second one");
+                        Formation::Join
+                    }
+                    None => Formation::New,
+                }
+            }
+            Role::MasterAdditional => Formation::Join,
+            Role::Worker => {
+                return Err(StepError::Precondition(
+                    "etcd runs only on control-plane nodes".into(),
+                ));
+            }
+        };
+        let initial_cluster = match formation {
+            Formation::New => format!("{}={}", ctx.node.name, my_peer_url(ctx)),
+            // Known only once etcd has accepted the member.
+            Formation::Join => String::new(),
+        };
+        save_record(
+            ctx,
+            &EtcdRecord {
+                formation,
+                initial_cluster,
+                member_id: None,
+            },
+        )?;
+        Ok(Outcome::Done)
+    }
+}
+
+struct PkiCas;
+
+#[async_trait]
+impl Step for PkiCas {
+    fn name(&self) -> &'static str {
+        "pki-ca"
+    }
+    fn summary(&self) -> &'static str {
+        "put the cluster, front-proxy and etcd CAs and the service-account key in place"
+    }
+    async fn check(&self, _ctx: &Context) -> Result<bool, StepError> {
+        // ensure_cluster_cas is itself check-then-act and cheap.
+        Ok(false)
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        let record = require_record(ctx)?;
+        let import_dir = ctx.paths.config_dir().join(CA_IMPORT_DIR);
+        let source = if import_dir.is_dir() {
+            CaSource::Import(&import_dir)
+        } else if record.formation == Formation::New {
+            CaSource::Generate
+        } else {
+            return Err(StepError::Precondition(format!(
+                "this node joins an existing cluster but has no shared CA material: copy ca.*, \
+                 front-proxy-ca.*, sa.* and etcd/ca.* from the first control-plane node's \
+                 /etc/kubernetes/pki into {}",
+                import_dir.display()
+            )));
+        };
+        let report = pki::ensure_cluster_cas(&ctx.paths, source)?;
+        tracing::info!(?report, "cluster CAs in place");
+        Ok(Outcome::Done)
+    }
+}
+
+struct PkiCerts;
+
+#[async_trait]
+impl Step for PkiCerts {
+    fn name(&self) -> &'static str {
+        "pki-certs"
+    }
+    fn summary(&self) -> &'static str {
+        "issue or renew this node's etcd, apiserver and client certificates"
+    }
+    async fn check(&self, _ctx: &Context) -> Result<bool, StepError> {
+        // ensure_node_certs keeps valid leaves and only re-issues bad ones.
+        Ok(false)
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        let report = pki::ensure_node_certs(&ctx.paths, &ctx.config, &ctx.node, false)?;
+        tracing::info!(?report, "node certificates in place");
+        Ok(Outcome::Done)
+    }
+}
+
+/// Waits for a cluster reachable through any peer to answer a member list.
+async fn wait_for_cluster(ctx: &Context) -> Result<(EtcdClient, Vec<Member>), StepError> {
+    let endpoints = topology::peer_client_urls(&ctx.config, &ctx.node);
+    ctx.progress.waiting(&format!(
+        "a healthy etcd cluster at {}",
+        endpoints.join(", ")
+    ));
+    let endpoints = &endpoints;
+    Ok(wait::poll_until(
+        "an existing etcd cluster to answer",
+        CLUSTER_WAIT,
+        Backoff::remote(Duration::from_secs(2)),
+        || async move {
+            let attempt = async {
+                let mut client = connect(ctx, endpoints).await?;
+                client.check_health().await?;
+                let members = client.members().await?;
+                Ok::<_, StepError>((client, members))
+            };
+            match attempt.await {
+                Ok(found) => Poll::Ready(found),
+                Err(e) => Poll::Pending(crate::error_chain(&e)),
+            }
+        },
+    )
+    .await?)
+}
+
+/// Retries a membership change while etcd calls the refusal transient.
+async fn retry_membership<T, F, Fut>(what: &str, mut call: F) -> Result<T, StepError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, EtcdError>>,
+{
+    let outcome = wait::poll_until(
+        what,
+        MEMBERSHIP_WAIT,
+        Backoff::remote(Duration::from_secs(1)),
+        || {
+            let attempt = call();
+            async move {
+                match attempt.await {
+                    Err(e) if e.is_retryable() => Poll::Pending(e.to_string()),
+                    done => Poll::Ready(done),
+                }
+            }
+        },
+    )
+    .await?;
+    Ok(outcome?)
+}
+
+struct MemberAdd;
+
+#[async_trait]
+impl Step for MemberAdd {
+    fn name(&self) -> &'static str {
+        "etcd-member-add"
+    }
+    fn summary(&self) -> &'static str {
+        "joiners: add this node as a learner (reusing a member added before a crash)"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        let record = require_record(ctx)?;
+        Ok(record.formation == Formation::New || record.member_id.is_some())
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        let mut record = require_record(ctx)?;
+        let (client, members) = wait_for_cluster(ctx).await?;
+        let peer_url = my_peer_url(ctx);
+        let existing = members
+            .iter()
+            .find(|m| m.peer_urls.iter().any(|u| *u == peer_url))
+            .cloned();
+        let reuse = match existing {
+            // Added before a crash and never started, or started with the
+            // data dir we still hold: the same member, continue with it.
+            Some(m) if !m.started() || topology::has_local_member(&ctx.paths) => Some(m),
+            // Started once but its data is gone (re-imaged): that member can
+            // never come back; replace it.
+            Some(stale) => {
+                tracing::warn!(member = %member_id_hex(stale.id), "removing this node's old etcd member, whose data dir is gone");
+                ctx.progress.waiting("removal of this node's stale etcd member");
+                retry_membership("removal of the stale member", || {
+                    let mut c = client.clone();
+                    async move { c.remove(stale.id).await }
+                })
+                .await?;
+                None
+            }
+            None => None,
+        };
+        let (id, members) = match reuse {
+            Some(m) => (m.id, members),
+            None => {
+                ctx.progress.waiting("etcd to accept this node as a learner");
+                retry_membership("etcd to accept the learner", || {
+                    let mut c = client.clone();
+                    let url = peer_url.clone();
+                    async move { c.add_learner(&url).await }
+                })
+                .await?
+            }
+        };
+        record.initial_cluster =
+            topology::initial_cluster_for_join(&members, &ctx.node.name, &peer_url);
+        record.member_id = Some(member_id_hex(id));
+        save_record(ctx, &record)?;
+        ctx.progress.store().write_marker(Marker::EtcdMemberId, &member_id_hex(id))?;
+        Ok(Outcome::Done)
+    }
+}
+
+struct Configure;
+
+#[async_trait]
+impl Step for Configure {
+    fn name(&self) -> &'static str {
+        "etcd-config"
+    }
+    fn summary(&self) -> &'static str {
+        "render the etcd unit and environment file (TLS with client-cert auth for clients and peers)"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        let unit = topology::render_unit(&ctx.paths, &ctx.config, &ctx.node, &require_record(ctx)?);
+        Ok(services::unit_installed(&ctx.paths, &unit)?)
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        let unit = topology::render_unit(&ctx.paths, &ctx.config, &ctx.node, &require_record(ctx)?);
+        if !std::path::Path::new(topology::ETCD_BINARY).exists() {
+            return Err(StepError::Precondition(format!(
+                "{} is not present; this image must ship etcd",
+                topology::ETCD_BINARY
+            )));
+        }
+        services::install_unit(&ctx.paths, &unit)?;
+        ctx.services.daemon_reload().await?;
+        Ok(Outcome::Done)
+    }
+}
+
+/// The local member answers and has a leader; returns its member id.
+async fn local_ready(ctx: &Context) -> Result<u64, StepError> {
+    let mut client = connect(ctx, &[topology::client_url(&ctx.config, &ctx.node)]).await?;
+    Ok(client.local_member_with_leader().await?)
+}
+
+struct Start;
+
+impl Start {
+    /// The running member must be the one this node recorded; anything else
+    /// means the data dir belongs to another member (or cluster).
+    fn verify_identity(ctx: &Context, running: u64) -> Result<(), StepError> {
+        let recorded = require_record(ctx)?.member_id;
+        match recorded {
+            Some(hex) if hex != member_id_hex(running) => Err(StepError::Precondition(format!(
+                "the etcd data dir {} belongs to member {}, but this node was added as member {hex}; \
+                 run `cluster-agent reset` on this node to start it clean",
+                topology::data_dir(&ctx.paths).display(),
+                member_id_hex(running)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn record_member(ctx: &Context, id: u64) -> Result<(), StepError> {
+        let mut record = require_record(ctx)?;
+        let hex = member_id_hex(id);
+        if record.member_id.as_deref() != Some(hex.as_str()) {
+            record.member_id = Some(hex.clone());
+            save_record(ctx, &record)?;
+        }
+        let store = ctx.progress.store();
+        if store.read_marker(Marker::EtcdMemberId)?.as_deref() != Some(hex.as_str()) {
+            store.write_marker(Marker::EtcdMemberId, &hex)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Step for Start {
+    fn name(&self) -> &'static str {
+        "etcd-start"
+    }
+    fn summary(&self) -> &'static str {
+        "start etcd and wait until this member answers with a leader; record its member id"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        match local_ready(ctx).await {
+            Ok(id) => {
+                Self::verify_identity(ctx, id)?;
+                Self::record_member(ctx, id)?;
+                Ok(true)
+            }
+            Err(_) => Ok(false),
+        }
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        ctx.progress.waiting(&format!("{} to start", topology::UNIT_NAME));
+        ctx.services.start(topology::UNIT_NAME).await?;
+        let url = topology::client_url(&ctx.config, &ctx.node);
+        ctx.progress.waiting(&format!("etcd at {url} to answer with a leader"));
+        let id = wait::poll_until(
+            &format!("etcd at {url} to answer with a leader"),
+            READY_WAIT,
+            Backoff::local(),
+            || async {
+                match local_ready(ctx).await {
+                    Ok(id) => Poll::Ready(id),
+                    Err(e) => Poll::Pending(crate::error_chain(&e)),
+                }
+            },
+        )
+        .await?;
+        Self::verify_identity(ctx, id)?;
+        Self::record_member(ctx, id)?;
+        tracing::info!(member = %member_id_hex(id), "etcd member ready");
+        Ok(Outcome::Done)
+    }
+}
+
+struct Promote;
+
+impl Promote {
+    async fn is_voter(ctx: &Context) -> Result<bool, StepError> {
+        let id = require_record(ctx)?.member_id;
+        let mut client = connect(ctx, &[topology::client_url(&ctx.config, &ctx.node)]).await?;
+        let members = client.members().await?;
+        Ok(members
+            .iter()
+            .any(|m| Some(member_id_hex(m.id)) == id && !m.is_learner))
+    }
+}
+
+#[async_trait]
+impl Step for Promote {
+    fn name(&self) -> &'static str {
+        "etcd-promote"
+    }
+    fn summary(&self) -> &'static str {
+        "joiners: promote the learner to a voting member once it has caught up"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        if require_record(ctx)?.formation == Formation::New {
+            return Ok(true);
+        }
+        Self::is_voter(ctx).await
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        let hex = require_record(ctx)?.member_id.ok_or_else(|| {
+            StepError::Precondition("no member id recorded; run etcd-member-add first".into())
+        })?;
+        let id = u64::from_str_radix(&hex, 16).map_err(|_| StepError::Corrupt {
+            path: record_path(ctx),
+            reason: format!("member id {hex:?} is not hex"),
+        })?;
+        let endpoints = vec![topology::client_url(&ctx.config, &ctx.node)];
+        let client = connect(ctx, &endpoints).await?;
+        ctx.progress.waiting("the learner to catch up with the leader");
+        retry_membership("promotion of the learner", || {
+            let mut c = client.clone();
+            async move {
+                match c.promote(id).await {
+                    // Promoted just before a crash: already a voter.
+                    Err(e) if e.is_already_voter() => Ok(()),
+                    other => other,
+                }
+            }
+        })
+        .await?;
+        Ok(Outcome::Done)
+    }
+}
