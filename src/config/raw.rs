@@ -103,6 +103,9 @@ pub struct Val {
 pub struct List {
     pub items: Vec<Val>,
     pub loc: Loc,
+    /// False when the value was not a list or an item was not a scalar
+    /// (already reported); later checks must not trust `items` then.
+    pub complete: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -351,15 +354,27 @@ impl Walker<'_> {
     }
 
     /// A list of scalars; a null list is absent, a null item is an error.
+    /// A scalar that must be present; its absence is reported at the
+    /// enclosing mapping.
+    fn required_scalar(&mut self, f: &Fields, key: &str) -> Option<Val> {
+        let node = self.required(f, key)?;
+        self.scalar(node, join(&f.loc.field, key))
+    }
+
     fn list_field(&mut self, f: &Fields, key: &str) -> Option<List> {
         let node = f.get(key)?;
         let field = join(&f.loc.field, key);
         if node.is_null() {
             return None;
         }
+        let loc = self.loc(node, field.clone());
         let Kind::Seq(nodes) = &node.kind else {
             self.expected(node, &field, "a list");
-            return None;
+            return Some(List {
+                items: vec![],
+                loc,
+                complete: false,
+            });
         };
         let mut items = Vec::with_capacity(nodes.len());
         for (i, item) in nodes.iter().enumerate() {
@@ -371,8 +386,9 @@ impl Walker<'_> {
             }
         }
         Some(List {
+            complete: items.len() == nodes.len(),
             items,
-            loc: self.loc(node, field),
+            loc,
         })
     }
 
@@ -404,12 +420,12 @@ impl Walker<'_> {
             peer_port: self.scalar_field(&e, "peer_port"),
         });
         let ceph = self.sub_map(&f, "ceph", CEPH_KEYS).map(|c| RawCeph {
-            public_network: self.scalar_field(&c, "public_network"),
+            public_network: self.required_scalar(&c, "public_network"),
             cluster_network: self.scalar_field(&c, "cluster_network"),
             loc: c.loc,
         });
         Some(RawCluster {
-            name: self.scalar_field(&f, "name"),
+            name: self.required_scalar(&f, "name"),
             k8s_version: self.scalar_field(&f, "k8s_version"),
             control_plane_endpoint: self.scalar_field(&f, "control_plane_endpoint"),
             networking,
@@ -459,9 +475,9 @@ impl Walker<'_> {
     fn node_fields(&mut self, f: &Fields, macs_key: &str) -> RawNode {
         RawNode {
             loc: f.loc.clone(),
-            name: self.scalar_field(f, "name"),
+            name: self.required_scalar(f, "name"),
             hostname: self.scalar_field(f, "hostname"),
-            ip: self.scalar_field(f, "ip"),
+            ip: self.required_scalar(f, "ip"),
             roles: self.list_field(f, "roles"),
             mac_addresses: if macs_key.is_empty() {
                 None

@@ -239,6 +239,9 @@ impl Validator<'_> {
         parse: impl Fn(&Val) -> Result<T, String>,
     ) -> Option<AtList<T>> {
         let items: Vec<Option<At<T>>> = list.items.iter().map(|v| self.parse(v, &parse)).collect();
+        if !list.complete {
+            return None;
+        }
         let value = items.into_iter().collect::<Option<Vec<_>>>()?;
         Some(At {
             value,
@@ -261,25 +264,15 @@ impl Validator<'_> {
     }
 
     fn node(&mut self, raw: &RawNode) -> NodeInput {
-        let name = match &raw.name {
-            Some(v) => self.parse(v, |v| values::dns_label(&v.text).map(|()| v.text.clone())),
-            None => {
-                self.error(&raw.loc.child("name"), "required field is missing");
-                None
-            }
-        };
-        let ip = match &raw.ip {
-            Some(v) => self.parse(v, |v| values::ipv4(&v.text)),
-            None => {
-                self.error(&raw.loc.child("ip"), "required field is missing");
-                None
-            }
-        };
+        let name = self.opt(raw.name.as_ref(), |v| {
+            values::dns_label(&v.text).map(|()| v.text.clone())
+        });
+        let ip = self.opt(raw.ip.as_ref(), |v| values::ipv4(&v.text));
         let hostname = self.opt(raw.hostname.as_ref(), |v| {
             values::dns_name(&v.text).map(|()| v.text.clone())
         });
         let roles = raw.roles.as_ref().and_then(|list| {
-            if list.items.is_empty() && list.loc.pos.line > 0 {
+            if list.items.is_empty() && list.complete {
                 self.error(&list.loc, "must list at least one role");
                 return None;
             }
@@ -361,13 +354,9 @@ impl Validator<'_> {
     }
 
     fn cluster(&mut self, raw: &RawCluster) -> PartialSettings {
-        let name = match &raw.name {
-            Some(v) => self.parse(v, |v| values::dns_label(&v.text).map(|()| v.text.clone())),
-            None => {
-                self.error(&raw.loc.child("name"), "required field is missing");
-                None
-            }
-        };
+        let name = self.opt(raw.name.as_ref(), |v| {
+            values::dns_label(&v.text).map(|()| v.text.clone())
+        });
         let (k8s_version, _) = self.setting(
             raw.k8s_version.as_ref(),
             DEFAULT_K8S_VERSION.to_owned(),
@@ -448,13 +437,7 @@ impl Validator<'_> {
         }
 
         let ceph = raw.ceph.as_ref().and_then(|c| {
-            let public = match &c.public_network {
-                Some(v) => self.parse(v, |v| values::cidr(&v.text)),
-                None => {
-                    self.error(&c.loc.child("public_network"), "required field is missing");
-                    None
-                }
-            };
+            let public = self.opt(c.public_network.as_ref(), |v| values::cidr(&v.text));
             let cluster = self.opt(c.cluster_network.as_ref(), |v| values::cidr(&v.text));
             let public_network = public?.value;
             Some(CephNetworks {
