@@ -1,9 +1,16 @@
 //! Reading the config directory (cluster.yaml, nodes/*.yaml) into a validated
 //! [`ClusterConfig`](super::ClusterConfig).
+//!
+//! File access is kept apart from [`parse_sources`], which is pure, so tests
+//! and the fuzz target exercise exactly what production runs.
 
 use std::path::{Path, PathBuf};
 
-use super::{ClusterConfig, ValidationReport};
+use super::diagnostics::Diagnostic;
+use super::raw;
+use super::tree::{self, Pos};
+use super::validate::{self, Findings};
+use super::{CLUSTER_FILE, ClusterConfig, NODES_DIR, ValidationReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -20,11 +27,175 @@ pub enum ConfigError {
     },
 }
 
-/// PLACEHOLDER until the config loader lands (replaced in the config branch).
+/// The content of one node file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    /// Relative to the config dir, e.g. `nodes/cp-2.yaml`; the file stem
+    /// must equal the node's name.
+    pub path: PathBuf,
+    pub bytes: Vec<u8>,
+}
+
+/// Reads and validates `config_dir/cluster.yaml` and `config_dir/nodes/*.yaml`
+/// (`*.yml` too). Never writes anything.
 pub fn load(config_dir: &Path) -> Result<ClusterConfig, ConfigError> {
-    let _ = (super::raw::PLACEHOLDER, super::validate::PLACEHOLDER);
-    Err(ConfigError::Io {
-        path: config_dir.to_path_buf(),
-        source: std::io::Error::other("loader not implemented yet"),
+    let read =
+        |path: PathBuf| std::fs::read(&path).map_err(|source| ConfigError::Io { path, source });
+    let cluster_yaml = read(config_dir.join(CLUSTER_FILE))?;
+    let mut node_files = Vec::new();
+    for name in node_file_names(config_dir)? {
+        let path = Path::new(NODES_DIR).join(&name);
+        let bytes = read(config_dir.join(&path))?;
+        node_files.push(SourceFile { path, bytes });
+    }
+    parse_sources(config_dir, &cluster_yaml, &node_files).map_err(|report| ConfigError::Invalid {
+        dir: config_dir.to_path_buf(),
+        report,
     })
+}
+
+/// YAML files directly in nodes/, sorted so that results do not depend on
+/// directory order. A missing nodes/ is the same as an empty one.
+fn node_file_names(config_dir: &Path) -> Result<Vec<String>, ConfigError> {
+    let dir = config_dir.join(NODES_DIR);
+    let io = |source| ConfigError::Io {
+        path: dir.clone(),
+        source,
+    };
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io)?;
+        // Non-UTF-8 names cannot match a node name anyway.
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let is_yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+        // Editors leave hidden swap and backup files next to the real ones.
+        if is_yaml && !name.starts_with('.') && entry.file_type().map_err(io)?.is_file() {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Validates the contents of cluster.yaml and of the node files (paths
+/// relative to the config dir). Pure: arbitrary input yields a report, never
+/// a panic. `source_dir` only ends up in [`ClusterConfig::source_dir`].
+pub fn parse_sources(
+    source_dir: &Path,
+    cluster_yaml: &[u8],
+    node_files: &[SourceFile],
+) -> Result<ClusterConfig, ValidationReport> {
+    let mut findings = Findings::default();
+    let cluster_tree = parse_file(Path::new(CLUSTER_FILE), cluster_yaml, &mut findings.errors);
+    let mut sorted: Vec<&SourceFile> = node_files.iter().collect();
+    sorted.sort_by(|a, b| a.path.cmp(&b.path));
+    let node_trees: Vec<(&Path, Option<Option<tree::Node>>)> = sorted
+        .iter()
+        .map(|f| {
+            (
+                f.path.as_path(),
+                parse_file(&f.path, &f.bytes, &mut findings.errors),
+            )
+        })
+        .collect();
+
+    // Without a syntactically valid cluster.yaml, cross-file checks would
+    // only produce noise; the syntax errors come first.
+    let config = match cluster_tree {
+        Some(cluster_tree) => {
+            let cluster = raw::cluster_file(
+                Path::new(CLUSTER_FILE),
+                cluster_tree.as_ref(),
+                &mut findings.errors,
+            );
+            let nodes: Vec<raw::RawNodeFile> = node_trees
+                .iter()
+                .filter_map(|(path, tree)| {
+                    tree.as_ref()
+                        .map(|t| raw::node_file(path, t.as_ref(), &mut findings.errors))
+                })
+                .collect();
+            validate::validate(source_dir, &cluster, &nodes, &mut findings)
+        }
+        None => None,
+    };
+    match config {
+        Some(config) if findings.errors.is_empty() => Ok(config),
+        _ => {
+            sort(&mut findings.errors);
+            sort(&mut findings.warnings);
+            Err(ValidationReport {
+                errors: findings.errors,
+                warnings: findings.warnings,
+            })
+        }
+    }
+}
+
+/// Only cluster.yaml, no node files: the fuzz target's entry point.
+pub fn parse_cluster_yaml(bytes: &[u8]) -> Result<ClusterConfig, ValidationReport> {
+    parse_sources(Path::new(""), bytes, &[])
+}
+
+/// `Some(tree)` when the file is valid YAML (`Some(None)` when it is empty);
+/// `None` after reporting why not.
+fn parse_file(
+    file: &Path,
+    bytes: &[u8],
+    errors: &mut Vec<Diagnostic>,
+) -> Option<Option<tree::Node>> {
+    let error = |pos: Pos, message: String| Diagnostic {
+        severity: super::Severity::Error,
+        file: file.to_path_buf(),
+        line: pos.line,
+        column: pos.column,
+        field: String::new(),
+        message,
+    };
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            let valid = &bytes[..e.valid_up_to()];
+            let line_start = valid.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            let column = String::from_utf8_lossy(&valid[line_start..])
+                .chars()
+                .count()
+                + 1;
+            let line = 1 + valid.iter().filter(|b| **b == b'\n').count();
+            errors.push(error(
+                Pos { line, column },
+                "the file is not valid UTF-8".into(),
+            ));
+            return None;
+        }
+    };
+    match tree::parse(text) {
+        Ok(root) => Some(root),
+        Err(e) => {
+            errors.push(error(e.pos, e.message));
+            None
+        }
+    }
+}
+
+/// cluster.yaml first, then node files by name; within a file by position.
+fn sort(diagnostics: &mut [Diagnostic]) {
+    diagnostics.sort_by(|a, b| {
+        let key = |d: &Diagnostic| {
+            (
+                d.file != Path::new(CLUSTER_FILE),
+                d.file.clone(),
+                d.line,
+                d.column,
+            )
+        };
+        key(a).cmp(&key(b))
+    });
 }

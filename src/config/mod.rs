@@ -7,7 +7,9 @@
 mod diagnostics;
 mod load;
 mod raw;
+mod tree;
 mod validate;
+mod values;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -18,7 +20,7 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 
 pub use diagnostics::{Diagnostic, Severity, ValidationReport};
-pub use load::{ConfigError, load};
+pub use load::{ConfigError, SourceFile, load, parse_cluster_yaml, parse_sources};
 
 /// File names inside the config directory.
 pub const CLUSTER_FILE: &str = "cluster.yaml";
