@@ -4,4 +4,5 @@
 pub mod config;
 pub mod fsutil;
 pub mod paths;
+pub mod pki;
 pub mod wait;
