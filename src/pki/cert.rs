@@ -265,6 +265,9 @@ pub(crate) fn issue_leaf(
         })
         .collect::<Result<_, rcgen::Error>>()
         .map_err(gen_err(what()))?;
+    // An explicit CA:FALSE, like Go-issued leaves, so no verifier has to
+    // guess what a cert without basicConstraints may do.
+    params.is_ca = IsCa::ExplicitNoCa;
     // No keyEncipherment: that is for RSA key transport, and these are EC keys.
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     if profile.server_auth {
