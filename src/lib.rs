@@ -9,6 +9,7 @@ pub mod identity;
 pub mod notify;
 pub mod paths;
 pub mod phases;
+pub mod pki;
 pub mod role;
 pub mod state;
 mod step_error;

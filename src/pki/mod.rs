@@ -1,0 +1,138 @@
+//! The cluster's PKI, laid out exactly like kubeadm's `/etc/kubernetes/pki`.
+//!
+//! Two steps, both idempotent:
+//! 1. [`ensure_cluster_cas`] puts the shared material in place (three CAs
+//!    and the service-account key pair): generated on the first
+//!    control-plane node, imported on the others. Shared material is never
+//!    replaced; anything inconsistent is an error for the operator.
+//! 2. [`ensure_node_certs`] issues this node's leaf certificates, keeping
+//!    those that are still right and re-issuing the others (expiring, wrong
+//!    SANs, not signed by the current CA…).
+//!
+//! All keys are ECDSA P-256 (PKCS#8 PEM), including `sa.key`: kube-apiserver
+//! signs service-account tokens with ES256 from it. Keys are written 0600,
+//! certs and `sa.pub` 0644, each atomically.
+
+mod ca;
+mod cert;
+mod error;
+mod layout;
+mod leaf;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+
+use time::{Duration, OffsetDateTime};
+
+pub use ca::{CaBundle, CaItem, CaOutcome, CaReport};
+pub use cert::San;
+pub use error::PkiError;
+pub use layout::{CaKind, CertKeyPaths, ClientCert, LeafKind, PKI_DIR, PkiPaths};
+pub use leaf::{LeafOutcome, LeafReport, MASTERS_GROUP, ReissueReason};
+
+use crate::config::{ClusterConfig, NodeSpec};
+use crate::paths::HostPaths;
+
+/// CAs live ten years, as kubeadm's; rotating one is a manual operation.
+pub const CA_VALIDITY: Duration = Duration::days(3650);
+/// Leaves live one year and are renewed by simply running the agent again.
+pub const LEAF_VALIDITY: Duration = Duration::days(365);
+/// A leaf with less than this left is re-issued.
+pub const RENEW_BEFORE: Duration = Duration::days(30);
+
+/// Where the shared CA material comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum CaSource<'a> {
+    /// Create whatever is missing (first control-plane node).
+    Generate,
+    /// Copy from a directory laid out like the PKI dir (`ca.*`,
+    /// `front-proxy-ca.*`, `etcd/ca.*`, `sa.*`).
+    Import(&'a Path),
+    /// Install a bundle received from another node (the join service).
+    Bundle(&'a CaBundle),
+}
+
+/// Puts the three CAs and the service-account key pair in place.
+///
+/// `Generate` creates what is missing and keeps what is there. `Import` and
+/// `Bundle` check the whole source first, then copy what is missing; a local
+/// item that differs from the imported one is an error, never overwritten.
+pub fn ensure_cluster_cas(paths: &HostPaths, source: CaSource<'_>) -> Result<CaReport, PkiError> {
+    ca::ensure_cluster_cas_at(paths, source, OffsetDateTime::now_utc())
+}
+
+/// Issues (or keeps) every leaf certificate of control-plane `node`.
+/// `etcd_listens_on_loopback` adds `localhost`, `127.0.0.1` and `::1` to the
+/// etcd server cert, which must not claim names etcd does not serve on.
+/// The CAs must already be in place ([`ensure_cluster_cas`]).
+pub fn ensure_node_certs(
+    paths: &HostPaths,
+    config: &ClusterConfig,
+    node: &NodeSpec,
+    etcd_listens_on_loopback: bool,
+) -> Result<LeafReport, PkiError> {
+    leaf::ensure_node_certs_at(
+        paths,
+        config,
+        node,
+        etcd_listens_on_loopback,
+        OffsetDateTime::now_utc(),
+    )
+}
+
+/// Reads the shared CA material for shipping to a joining control-plane
+/// node; checks it first so that nothing unusable is sent.
+pub fn read_shared_ca_bundle(paths: &HostPaths) -> Result<CaBundle, PkiError> {
+    ca::read_shared_ca_bundle(paths)
+}
+
+/// PEM material for a kubeconfig: the client cert and key, and the cluster
+/// CA to trust the API server with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientCredentials {
+    pub client: ClientCert,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for ClientCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCredentials")
+            .field("client", &self.client)
+            .field("cert_pem", &self.cert_pem)
+            .field("ca_pem", &self.ca_pem)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads one client identity issued by [`ensure_node_certs`].
+pub fn read_client_credentials(
+    paths: &HostPaths,
+    client: ClientCert,
+) -> Result<ClientCredentials, PkiError> {
+    let pki = PkiPaths::new(paths);
+    let pair = pki.client(client);
+    let read_text = |path: &Path, missing: fn(&Path) -> PkiError| {
+        let bytes = cert::read_optional(path)?.ok_or_else(|| missing(path))?;
+        String::from_utf8(bytes).map_err(|_| PkiError::BadCert {
+            path: path.to_path_buf(),
+            reason: "not UTF-8 text".into(),
+        })
+    };
+    let client_missing = |path: &Path| PkiError::ClientCertMissing {
+        path: path.to_path_buf(),
+    };
+    let ca_missing = |path: &Path| PkiError::CaMissing {
+        ca: CaKind::Cluster,
+        cert: path.to_path_buf(),
+    };
+    Ok(ClientCredentials {
+        client,
+        cert_pem: read_text(&pair.cert, client_missing)?,
+        key_pem: read_text(&pair.key, client_missing)?,
+        ca_pem: read_text(&pki.ca(CaKind::Cluster).cert, ca_missing)?,
+    })
+}
