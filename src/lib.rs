@@ -4,4 +4,5 @@
 pub mod config;
 pub mod fsutil;
 pub mod paths;
+pub mod services;
 pub mod wait;

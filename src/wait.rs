@@ -78,7 +78,7 @@ where
 {
     let start = Instant::now();
     let deadline = start + timeout;
-    let mut last_seen = None;
+    let mut last_seen;
     loop {
         match probe().await {
             Poll::Ready(value) => return Ok(value),
@@ -105,13 +105,18 @@ mod tests {
     #[tokio::test]
     async fn returns_as_soon_as_ready() {
         let calls = AtomicU32::new(0);
-        let value = poll_until("thing", Duration::from_secs(5), Backoff::local(), || async {
-            if calls.fetch_add(1, Ordering::SeqCst) >= 3 {
-                Poll::Ready(7)
-            } else {
-                Poll::Pending("not yet".into())
-            }
-        })
+        let value = poll_until(
+            "thing",
+            Duration::from_secs(5),
+            Backoff::local(),
+            || async {
+                if calls.fetch_add(1, Ordering::SeqCst) >= 3 {
+                    Poll::Ready(7)
+                } else {
+                    Poll::Pending("not yet".into())
+                }
+            },
+        )
         .await
         .unwrap();
         assert_eq!(value, 7);
@@ -129,7 +134,10 @@ mod tests {
         .await
         .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("etcd health") && text.contains("connection refused"), "{text}");
+        assert!(
+            text.contains("etcd health") && text.contains("connection refused"),
+            "{text}"
+        );
     }
 
     #[test]
