@@ -634,7 +634,10 @@ pub fn parse_env_file(
                                     value.push(c);
                                 }
                                 None => {
-                                    return Err(err(start_line, "unterminated double quote".into()));
+                                    return Err(err(
+                                        start_line,
+                                        "unterminated double quote".into(),
+                                    ));
                                 }
                             },
                             Some(c) => {
