@@ -1,0 +1,2 @@
+pub mod dbus;
+pub mod systemd1_double;
