@@ -11,6 +11,7 @@ pub mod paths;
 pub mod phases;
 pub mod pki;
 pub mod role;
+pub mod services;
 pub mod state;
 mod step_error;
 pub mod wait;

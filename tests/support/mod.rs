@@ -5,6 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod dbus;
+pub mod systemd1_double;
+
 pub const AGENT: &str = env!("CARGO_BIN_EXE_cluster-agent");
 
 #[derive(Debug, Clone)]

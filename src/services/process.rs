@@ -1,0 +1,451 @@
+//! Process backend: runs a unit file's `ExecStart` as a detached daemon
+//! (own session, stdin null, output appended to a log file) and tracks it by
+//! a pid file holding pid *and* start time, so a pid reused after a reboot or
+//! wrap-around is never taken for ours. The daemon outlives the agent; a new
+//! agent recognises it through the pid file.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use super::unit::{self, Unit};
+use super::{
+    ActiveState, DEFAULT_START_TIMEOUT, DEFAULT_STOP_TIMEOUT, ServiceManager, ServicesError,
+    UnitState,
+};
+use crate::fsutil::{self, PUBLIC_MODE};
+use crate::paths::HostPaths;
+use crate::wait::{Backoff, Poll, poll_until};
+
+const PID_DIR: &str = "/run/cluster-agent";
+const LOG_DIR: &str = "/var/log/cluster-agent";
+/// systemd's default PATH for services; the rest of the agent's own
+/// environment is not passed on, as under systemd.
+const SERVICE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How long a fresh process must stay alive to count as started. A bad flag
+/// or a missing file makes etcd and friends exit within tens of ms.
+pub const DEFAULT_SETTLE: Duration = Duration::from_millis(300);
+const LOG_TAIL_LINES: usize = 20;
+const LOG_TAIL_BYTES: u64 = 16 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct ProcessManager {
+    paths: HostPaths,
+    settle: Duration,
+}
+
+/// A process we started, as recorded in its pid file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tracked {
+    pid: u32,
+    start_time: u64,
+}
+
+impl ProcessManager {
+    pub fn new(paths: HostPaths) -> ProcessManager {
+        ProcessManager {
+            paths,
+            settle: DEFAULT_SETTLE,
+        }
+    }
+
+    /// Overrides [`DEFAULT_SETTLE`].
+    pub fn with_settle(mut self, settle: Duration) -> ProcessManager {
+        self.settle = settle;
+        self
+    }
+
+    pub fn pid_file(&self, unit: &str) -> PathBuf {
+        self.paths.host(PID_DIR).join(format!("{unit}.pid"))
+    }
+
+    pub fn log_file(&self, unit: &str) -> PathBuf {
+        self.paths.host(LOG_DIR).join(format!("{unit}.log"))
+    }
+
+    fn load_unit(&self, name: &str) -> Result<Unit, ServicesError> {
+        unit::validate_unit_name(name)?;
+        let path = unit::unit_path(&self.paths, name);
+        let bytes = fsutil::read_optional(&path)
+            .map_err(|source| ServicesError::Io {
+                what: "read the unit file".into(),
+                path: path.clone(),
+                source,
+            })?
+            .ok_or_else(|| ServicesError::UnitNotFound {
+                unit: name.to_string(),
+                path: path.clone(),
+            })?;
+        unit::parse_unit(name, &String::from_utf8_lossy(&bytes), &path)
+    }
+
+    /// The recorded process if it is still the one we started.
+    fn running(&self, unit: &str) -> Result<Option<Tracked>, ServicesError> {
+        Ok(self.read_pid_file(unit)?.filter(|t| is_alive(*t)))
+    }
+
+    fn read_pid_file(&self, unit: &str) -> Result<Option<Tracked>, ServicesError> {
+        let path = self.pid_file(unit);
+        let bytes = fsutil::read_optional(&path).map_err(|source| ServicesError::Io {
+            what: "read the pid file".into(),
+            path: path.clone(),
+            source,
+        })?;
+        // A torn or foreign pid file cannot be ours (writes are atomic), so
+        // treat it as "nothing running" rather than refusing to start.
+        Ok(bytes.and_then(|b| {
+            let text = String::from_utf8_lossy(&b).into_owned();
+            let mut words = text.split_whitespace();
+            Some(Tracked {
+                pid: words.next()?.parse().ok()?,
+                start_time: words.next()?.parse().ok()?,
+            })
+        }))
+    }
+
+    fn remove_pid_file(&self, unit: &str) -> Result<(), ServicesError> {
+        let path = self.pid_file(unit);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ServicesError::Io {
+                what: "remove the pid file".into(),
+                path,
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn environment(&self, unit: &Unit) -> Result<BTreeMap<String, String>, ServicesError> {
+        let mut env = BTreeMap::from([("PATH".to_string(), SERVICE_PATH.to_string())]);
+        env.extend(unit.service.environment.clone());
+        // As in systemd, EnvironmentFile= overrides Environment=.
+        if let Some(file) = &unit.service.environment_file {
+            env.extend(unit::read_env_file(file)?);
+        }
+        Ok(env)
+    }
+
+    fn spawn(&self, unit: &Unit) -> Result<(Child, Tracked, u64), ServicesError> {
+        let name = &unit.name;
+        let log_path = self.log_file(name);
+        let io_err = |what: &str, path: &Path| {
+            let what = what.to_string();
+            let path = path.to_path_buf();
+            move |source| ServicesError::Io { what, path, source }
+        };
+        fs::create_dir_all(self.paths.host(LOG_DIR))
+            .map_err(io_err("create the log directory", &log_path))?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_err("open the log file", &log_path))?;
+        let log_start = log
+            .metadata()
+            .map_err(io_err("stat the log file", &log_path))?
+            .len();
+        let stderr = log
+            .try_clone()
+            .map_err(io_err("duplicate the log file", &log_path))?;
+
+        let argv = &unit.service.exec_start;
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .env_clear()
+            .envs(self.environment(unit)?)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(stderr);
+        if let Some(dir) = &unit.service.working_directory {
+            cmd.current_dir(dir);
+        }
+        let limit_nofile = unit.service.limit_nofile;
+        // SAFETY: the closure only makes async-signal-safe system calls
+        // (setsid, setrlimit) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Own session and process group: the daemon survives the
+                // agent's terminal and group, and stop can signal its whole
+                // group.
+                nix::unistd::setsid()?;
+                if let Some(n) = limit_nofile {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        n,
+                        n,
+                    )?;
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| ServicesError::Spawn {
+            unit: name.clone(),
+            program: argv[0].clone(),
+            source,
+        })?;
+        let pid = child.id().unwrap_or_default();
+        let start_time = start_time(pid).unwrap_or_default();
+        let tracked = Tracked { pid, start_time };
+        fsutil::write_atomic(
+            &self.pid_file(name),
+            format!("{pid} {start_time}\n").as_bytes(),
+            PUBLIC_MODE,
+        )?;
+        Ok((child, tracked, log_start))
+    }
+}
+
+#[async_trait]
+impl ServiceManager for ProcessManager {
+    /// Nothing to do: unit files are read on every start.
+    async fn daemon_reload(&self) -> Result<(), ServicesError> {
+        Ok(())
+    }
+
+    async fn start(&self, name: &str) -> Result<(), ServicesError> {
+        let unit = self.load_unit(name)?;
+        if unit.service.type_ == unit::ServiceType::Oneshot {
+            return Err(ServicesError::Unsupported {
+                unit: name.to_string(),
+                what: "Type=oneshot".into(),
+                backend: "process",
+            });
+        }
+        if self.running(name)?.is_some() {
+            return Ok(());
+        }
+        let (mut child, tracked, log_start) = self.spawn(&unit)?;
+        let settle = self.settle.min(
+            unit.service
+                .timeout_start_sec
+                .unwrap_or(DEFAULT_START_TIMEOUT),
+        );
+        // Watch the fresh process for the settle window; try_wait also reaps
+        // it, so an early exit is seen with its status rather than as a zombie.
+        let exited = poll_until(
+            &format!("{name} to stay up"),
+            settle,
+            Backoff::local(),
+            || {
+                let status = child.try_wait();
+                async move {
+                    match status {
+                        Ok(Some(status)) => Poll::Ready(status.to_string()),
+                        Err(e) => Poll::Ready(format!("cannot wait for it: {e}")),
+                        Ok(None) => Poll::Pending("running".into()),
+                    }
+                }
+            },
+        )
+        .await;
+        match exited {
+            Err(_still_running) => {
+                // Reap it when it eventually exits, while this agent lives;
+                // after the agent is gone, init does.
+                tokio::spawn(async move {
+                    let _ = child.wait().await;
+                });
+                debug_assert!(is_alive(tracked));
+                Ok(())
+            }
+            Ok(status) => {
+                self.remove_pid_file(name)?;
+                let log = self.log_file(name);
+                Err(ServicesError::ExitedEarly {
+                    unit: name.to_string(),
+                    status,
+                    log_tail: log_tail(&log, log_start),
+                    log,
+                })
+            }
+        }
+    }
+
+    async fn stop(&self, name: &str) -> Result<(), ServicesError> {
+        unit::validate_unit_name(name)?;
+        let Some(tracked) = self.running(name)? else {
+            return self.remove_pid_file(name);
+        };
+        let timeout = self
+            .load_unit(name)
+            .ok()
+            .and_then(|u| u.service.timeout_stop_sec)
+            .unwrap_or(DEFAULT_STOP_TIMEOUT);
+        let signal = |sig| {
+            // The pid is the group leader (setsid); signalling the group also
+            // stops helpers it forked.
+            match killpg(Pid::from_raw(tracked.pid as i32), sig) {
+                Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
+                Err(source) => Err(ServicesError::Signal {
+                    unit: name.to_string(),
+                    pid: tracked.pid,
+                    source,
+                }),
+            }
+        };
+        let gone = |what: String, timeout| async move {
+            poll_until(&what, timeout, Backoff::local(), || async move {
+                if is_alive(tracked) {
+                    Poll::Pending(format!("pid {} alive", tracked.pid))
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await
+        };
+        signal(Signal::SIGTERM)?;
+        if gone(format!("{name} to exit after SIGTERM"), timeout)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                unit = name,
+                pid = tracked.pid,
+                ?timeout,
+                "did not exit on SIGTERM; sending SIGKILL"
+            );
+            signal(Signal::SIGKILL)?;
+            gone(
+                format!("{name} to exit after SIGKILL"),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|source| ServicesError::Timeout {
+                unit: name.to_string(),
+                action: "stop",
+                source,
+            })?;
+        }
+        self.remove_pid_file(name)
+    }
+
+    async fn restart(&self, name: &str) -> Result<(), ServicesError> {
+        self.stop(name).await?;
+        self.start(name).await
+    }
+
+    async fn state(&self, name: &str) -> Result<UnitState, ServicesError> {
+        unit::validate_unit_name(name)?;
+        let recorded = self.read_pid_file(name)?;
+        Ok(match recorded {
+            Some(t) if is_alive(t) => UnitState {
+                active_state: ActiveState::Active,
+                sub_state: "running".into(),
+                main_pid: Some(t.pid),
+            },
+            // Started by us and gone without a stop: it crashed.
+            Some(_) => UnitState {
+                active_state: ActiveState::Failed,
+                sub_state: "failed".into(),
+                main_pid: None,
+            },
+            None => UnitState {
+                active_state: ActiveState::Inactive,
+                sub_state: "dead".into(),
+                main_pid: None,
+            },
+        })
+    }
+
+    /// Creates the `<target>.wants/<unit>` symlinks `systemctl enable` would,
+    /// so the same root boots correctly under systemd.
+    async fn enable(&self, name: &str) -> Result<(), ServicesError> {
+        let unit = self.load_unit(name)?;
+        let target = Path::new(unit::UNIT_DIR).join(name);
+        for wanted_by in &unit.install.wanted_by {
+            let dir = self
+                .paths
+                .host(unit::UNIT_DIR)
+                .join(format!("{wanted_by}.wants"));
+            let link = dir.join(name);
+            let io = |what: &str| {
+                let what = what.to_string();
+                let path = link.clone();
+                move |source| ServicesError::Io { what, path, source }
+            };
+            if fs::read_link(&link).is_ok_and(|t| t == target) {
+                continue;
+            }
+            fs::create_dir_all(&dir).map_err(io("create the .wants directory"))?;
+            let _ = fs::remove_file(&link);
+            std::os::unix::fs::symlink(&target, &link).map_err(io("create the enable symlink"))?;
+            fsutil::sync_dir(&dir).map_err(io("sync the .wants directory"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Field 22 of `/proc/<pid>/stat`: start time in clock ticks since boot.
+fn start_time(pid: u32) -> Option<u64> {
+    proc_stat(pid).map(|(_, start)| start)
+}
+
+/// (state, start time) from `/proc/<pid>/stat`.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm (field 2) may contain spaces and parentheses; fields after the
+    // last ')' are unambiguous. They start at field 3 (state).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(22 - 3)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// Alive and still the process we started. A zombie counts as gone: it has
+/// exited and only waits for its parent to reap it.
+fn is_alive(t: Tracked) -> bool {
+    t.pid != 0
+        && matches!(proc_stat(t.pid), Some((state, start)) if start == t.start_time && !matches!(state, 'Z' | 'X'))
+}
+
+/// The last lines this run wrote to the log, for error messages.
+fn log_tail(path: &Path, from: u64) -> String {
+    let read = || -> std::io::Result<String> {
+        let mut f = fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        let start = from.max(len.saturating_sub(LOG_TAIL_BYTES));
+        f.seek(SeekFrom::Start(start))?;
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    match read() {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+        }
+        Err(e) => format!("(cannot read the log: {e})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_alive_and_start_time_distinguishes_reuse() {
+        let me = std::process::id();
+        let t = Tracked {
+            pid: me,
+            start_time: start_time(me).unwrap(),
+        };
+        assert!(is_alive(t));
+        assert!(!is_alive(Tracked {
+            start_time: t.start_time + 1,
+            ..t
+        }));
+        assert!(!is_alive(Tracked {
+            pid: 0,
+            start_time: 0
+        }));
+    }
+}
