@@ -12,6 +12,7 @@ use time::OffsetDateTime;
 use crate::config::{ClusterConfig, NodeSpec};
 use crate::paths::HostPaths;
 use crate::role::{CephRole, Role};
+use crate::services::ServiceManager;
 use crate::state::{Journal, StateError, StateStore, StepStatus};
 use crate::{error_chain, notify};
 
@@ -67,6 +68,8 @@ pub struct Context {
     pub role: Role,
     pub ceph_role: CephRole,
     pub progress: Progress,
+    /// Runs the units the steps render (systemd or detached processes).
+    pub services: Arc<dyn ServiceManager>,
 }
 
 /// The journal as the run goes, plus the operator-facing progress signals

@@ -2,7 +2,6 @@
 //! cluster with a Ceph monitor quorum, crash-safely and without a human.
 
 pub mod config;
-pub mod dbus;
 pub mod engine;
 pub mod fsutil;
 pub mod identity;
@@ -33,5 +32,5 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 }
 pub mod cli;
 pub mod cmd;
-pub mod logging;
 pub mod etcd;
+pub mod logging;

@@ -4,6 +4,9 @@ use cluster_agent::cli::Cli;
 
 fn main() {
     let cli = Cli::parse();
+    // One TLS provider for the whole process (etcd-client, reqwest, kube);
+    // with two compiled in, rustls would refuse to pick.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     cluster_agent::logging::init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

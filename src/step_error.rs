@@ -21,6 +21,16 @@ pub enum StepError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{} is corrupt ({reason}); run `cluster-agent reset` on this node", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Precondition(String),
+    #[error(transparent)]
+    Etcd(#[from] crate::etcd::EtcdError),
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    #[error(transparent)]
+    Services(#[from] crate::services::ServicesError),
     #[error("D-Bus call {call} failed: {source}")]
     Dbus {
         call: &'static str,

@@ -24,11 +24,19 @@ fn run_converges_and_a_second_run_changes_nothing() {
     );
     let hostname = std::fs::read_to_string(c.root("w-1").join("etc/hostname")).unwrap();
     assert_eq!(hostname.trim(), "w-1");
-    let network =
-        std::fs::read_to_string(c.root("w-1").join("etc/systemd/network/10-cluster-agent.network"))
-            .unwrap();
-    assert!(network.contains(&format!("Address={}/8", c.nodes[1].ip)), "{network}");
-    assert!(network.contains(&format!("MACAddress={}", c.nodes[1].mac)), "{network}");
+    let network = std::fs::read_to_string(
+        c.root("w-1")
+            .join("etc/systemd/network/10-cluster-agent.network"),
+    )
+    .unwrap();
+    assert!(
+        network.contains(&format!("Address={}/8", c.nodes[1].ip)),
+        "{network}"
+    );
+    assert!(
+        network.contains(&format!("MACAddress={}", c.nodes[1].mac)),
+        "{network}"
+    );
     for (marker, want) in [("bootstrap-state", "joined"), ("node-role", "worker")] {
         let got = std::fs::read_to_string(c.state_dir("w-1").join(marker)).unwrap();
         assert_eq!(got.trim(), want, "{marker}");
@@ -75,8 +83,16 @@ fn crash_at_every_step_then_rerun_converges() {
                 text(&crashed)
             );
             let out = c.run("w-1", &["run"]);
-            assert!(out.status.success(), "rerun after {step}:{when}: {}", text(&out));
-            assert_eq!(journal_outcome(&c.journal("w-1")), want, "after {step}:{when}");
+            assert!(
+                out.status.success(),
+                "rerun after {step}:{when}: {}",
+                text(&out)
+            );
+            assert_eq!(
+                journal_outcome(&c.journal("w-1")),
+                want,
+                "after {step}:{when}"
+            );
         }
     }
 }
@@ -102,7 +118,10 @@ fn second_agent_exits_3_while_the_first_holds_the_lock() {
     let out = c.run("w-1", &["run"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("another cluster-agent"));
-    assert!(!state.join("journal.json").exists(), "nothing written while locked");
+    assert!(
+        !state.join("journal.json").exists(),
+        "nothing written while locked"
+    );
     drop(held);
     let out = c.run("w-1", &["run"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -116,9 +135,15 @@ fn invalid_config_exits_2_and_writes_nothing() {
     let out = c.run("w-1", &["run"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("cluster.yaml:") && stderr.contains("nodes[1].ip"), "{stderr}");
+    assert!(
+        stderr.contains("cluster.yaml:") && stderr.contains("nodes[1].ip"),
+        "{stderr}"
+    );
     assert!(!c.state_dir("w-1").exists(), "no partial state");
-    assert!(!c.root("w-1").join("etc/systemd").exists(), "no partial state");
+    assert!(
+        !c.root("w-1").join("etc/systemd").exists(),
+        "no partial state"
+    );
 }
 
 #[test]
@@ -130,8 +155,15 @@ fn corrupt_journal_stops_the_agent_and_is_kept() {
     std::fs::write(&path, b"{\"version\": 1, \"steps\": [").unwrap();
     let out = c.run("w-1", &["run"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("corrupt"), "{}", text(&out));
-    assert_eq!(std::fs::read(&path).unwrap(), b"{\"version\": 1, \"steps\": [");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("corrupt"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        b"{\"version\": 1, \"steps\": ["
+    );
 }
 
 #[test]
@@ -168,7 +200,11 @@ fn identity_by_mac_is_case_insensitive_and_physical_only() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("several nodes"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("several nodes"),
+        "{}",
+        text(&out)
+    );
 
     // No match at all.
     std::fs::remove_dir_all(&net).unwrap();
@@ -179,7 +215,11 @@ fn identity_by_mac_is_case_insensitive_and_physical_only() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no node"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no node"),
+        "{}",
+        text(&out)
+    );
 
     // The identity file wins over MACs.
     std::fs::write(c.config_dir("w-1").join("node-identity"), "cp-1\n").unwrap();
@@ -225,7 +265,11 @@ fn roles_follow_natural_name_order_on_every_node() {
                 if p["node"] != "w-1" {
                     assert_eq!(
                         p["ceph_role"],
-                        if ceph_first { "mon-first" } else { "mon-additional" }
+                        if ceph_first {
+                            "mon-first"
+                        } else {
+                            "mon-additional"
+                        }
                     );
                 }
             }
@@ -240,7 +284,12 @@ fn journal_writes_survive_sigkill_whole() {
     let dir = tempfile::tempdir().unwrap();
     for round in 0..20u64 {
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "journal_writer_child", "--nocapture", "--ignored"])
+            .args([
+                "--exact",
+                "journal_writer_child",
+                "--nocapture",
+                "--ignored",
+            ])
             .env("JOURNAL_WRITER_DIR", dir.path())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -255,7 +304,10 @@ fn journal_writes_survive_sigkill_whole() {
         child.kill().unwrap();
         child.wait().unwrap();
         let store = cluster_agent::state::StateStore::new(dir.path());
-        let loaded = store.load_journal().expect("journal never torn").expect("present");
+        let loaded = store
+            .load_journal()
+            .expect("journal never torn")
+            .expect("present");
         assert_eq!(loaded.node, "cp-1");
         assert!(loaded.steps.len() >= 2);
     }

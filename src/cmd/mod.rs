@@ -28,6 +28,8 @@ pub enum CliError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Services(#[from] crate::services::ServicesError),
     #[error("{0}")]
     Usage(String),
     #[error("{0}")]

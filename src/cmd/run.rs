@@ -1,11 +1,12 @@
 use time::format_description::well_known::Rfc3339;
 
-use crate::cli::GlobalArgs;
+use crate::cli::{GlobalArgs, ServicesArg};
 use crate::engine::{self, Context, Progress};
 use crate::notify;
 use crate::paths::HostPaths;
 use crate::phases;
 use crate::role::Role;
+use crate::services::{self, Backend};
 use crate::state::{Journal, Marker, StateError, StateStore};
 
 use super::{CliError, EXIT_OK, load_config, target};
@@ -54,6 +55,7 @@ pub async fn run(global: &GlobalArgs, paths: &HostPaths) -> Result<i32, CliError
     }
     tracing::info!(node = %node.name, role = %target.role, identity = ?target.identity, "starting");
 
+    let services = services::connect(backend(global.services, paths), paths).await?;
     let ctx = Context {
         paths: paths.clone(),
         config,
@@ -61,6 +63,7 @@ pub async fn run(global: &GlobalArgs, paths: &HostPaths) -> Result<i32, CliError
         role: target.role,
         ceph_role: target.ceph_role,
         progress: Progress::new(store.clone(), journal),
+        services,
     };
     let summary = engine::execute(&plan, &ctx).await?;
     if !summary.succeeded() {
@@ -93,4 +96,15 @@ pub async fn run(global: &GlobalArgs, paths: &HostPaths) -> Result<i32, CliError
     notify::ready(&format!("{finished} as {}", target.role));
     println!("{}: {finished} as {}", ctx.node.name, target.role);
     Ok(EXIT_OK)
+}
+
+/// `auto` picks systemd exactly when systemd is PID 1 under the root (the
+/// check `sd_booted()` makes), so a temp-root run never drives the host's.
+fn backend(choice: ServicesArg, paths: &HostPaths) -> Backend {
+    match choice {
+        ServicesArg::Systemd => Backend::Systemd,
+        ServicesArg::Process => Backend::Process,
+        ServicesArg::Auto if paths.host("/run/systemd/system").is_dir() => Backend::Systemd,
+        ServicesArg::Auto => Backend::Process,
+    }
 }

@@ -188,11 +188,17 @@ impl EtcdClient {
             .member_add([peer_url], Some(MemberAddOptions::new().with_is_learner()))
             .await
             .map_err(self.api())?;
-        let id = response.member().map(|m| m.id()).ok_or(EtcdError::Incomplete {
-            endpoints: self.endpoints.clone(),
-            what: "the added member",
-        })?;
-        Ok((id, response.member_list().iter().map(Member::from).collect()))
+        let id = response
+            .member()
+            .map(|m| m.id())
+            .ok_or(EtcdError::Incomplete {
+                endpoints: self.endpoints.clone(),
+                what: "the added member",
+            })?;
+        Ok((
+            id,
+            response.member_list().iter().map(Member::from).collect(),
+        ))
     }
 
     pub async fn promote(&mut self, id: u64) -> Result<(), EtcdError> {

@@ -130,7 +130,10 @@ pub fn render_unit(
     .collect();
     Unit {
         name: UNIT_NAME.to_string(),
-        description: format!("etcd member {} of cluster {}", node.name, config.cluster.name),
+        description: format!(
+            "etcd member {} of cluster {}",
+            node.name, config.cluster.name
+        ),
         after: vec!["network-online.target".into()],
         wants: vec!["network-online.target".into()],
         requires: vec![],

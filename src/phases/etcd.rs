@@ -139,7 +139,8 @@ impl Step for Discover {
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         let formation = match ctx.role {
             Role::MasterFirst => {
-                ctx.progress.waiting("a probe of the other control-plane nodes' etcd");
+                ctx.progress
+                    .waiting("a probe of the other control-plane nodes' etcd");
                 match peer_etcd_listening(ctx).await {
                     Some(url) => {
                         tracing::warn!(peer = %url, "etcd already runs on a peer: joining that cluster instead of founding a second one");
@@ -300,7 +301,7 @@ impl Step for MemberAdd {
         let peer_url = my_peer_url(ctx);
         let existing = members
             .iter()
-            .find(|m| m.peer_urls.iter().any(|u| *u == peer_url))
+            .find(|m| m.peer_urls.contains(&peer_url))
             .cloned();
         let reuse = match existing {
             // Added before a crash and never started, or started with the
@@ -310,7 +311,8 @@ impl Step for MemberAdd {
             // never come back; replace it.
             Some(stale) => {
                 tracing::warn!(member = %member_id_hex(stale.id), "removing this node's old etcd member, whose data dir is gone");
-                ctx.progress.waiting("removal of this node's stale etcd member");
+                ctx.progress
+                    .waiting("removal of this node's stale etcd member");
                 retry_membership("removal of the stale member", || {
                     let mut c = client.clone();
                     async move { c.remove(stale.id).await }
@@ -323,7 +325,8 @@ impl Step for MemberAdd {
         let (id, members) = match reuse {
             Some(m) => (m.id, members),
             None => {
-                ctx.progress.waiting("etcd to accept this node as a learner");
+                ctx.progress
+                    .waiting("etcd to accept this node as a learner");
                 retry_membership("etcd to accept the learner", || {
                     let mut c = client.clone();
                     let url = peer_url.clone();
@@ -336,7 +339,9 @@ impl Step for MemberAdd {
             topology::initial_cluster_for_join(&members, &ctx.node.name, &peer_url);
         record.member_id = Some(member_id_hex(id));
         save_record(ctx, &record)?;
-        ctx.progress.store().write_marker(Marker::EtcdMemberId, &member_id_hex(id))?;
+        ctx.progress
+            .store()
+            .write_marker(Marker::EtcdMemberId, &member_id_hex(id))?;
         Ok(Outcome::Done)
     }
 }
@@ -427,10 +432,12 @@ impl Step for Start {
         }
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
-        ctx.progress.waiting(&format!("{} to start", topology::UNIT_NAME));
+        ctx.progress
+            .waiting(&format!("{} to start", topology::UNIT_NAME));
         ctx.services.start(topology::UNIT_NAME).await?;
         let url = topology::client_url(&ctx.config, &ctx.node);
-        ctx.progress.waiting(&format!("etcd at {url} to answer with a leader"));
+        ctx.progress
+            .waiting(&format!("etcd at {url} to answer with a leader"));
         let id = wait::poll_until(
             &format!("etcd at {url} to answer with a leader"),
             READY_WAIT,
@@ -487,7 +494,8 @@ impl Step for Promote {
         })?;
         let endpoints = vec![topology::client_url(&ctx.config, &ctx.node)];
         let client = connect(ctx, &endpoints).await?;
-        ctx.progress.waiting("the learner to catch up with the leader");
+        ctx.progress
+            .waiting("the learner to catch up with the leader");
         retry_membership("promotion of the learner", || {
             let mut c = client.clone();
             async move {

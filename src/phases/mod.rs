@@ -1,6 +1,7 @@
 //! The runbook: which phases, in which order, for which role. Each phase is a
 //! list of steps executed by [`crate::engine`].
 
+pub mod etcd;
 pub mod node;
 
 use crate::engine::Plan;
@@ -9,8 +10,10 @@ use crate::role::{CephRole, Role};
 /// The plan for a node. Every node runs the `node` phase first; the
 /// Kubernetes and Ceph phases both require only it, so storage never waits
 /// for (or fails with) Kubernetes.
-pub fn build(_role: Role, _ceph_role: CephRole) -> Plan {
-    Plan {
-        phases: vec![node::phase()],
+pub fn build(role: Role, _ceph_role: CephRole) -> Plan {
+    let mut phases = vec![node::phase()];
+    if matches!(role, Role::MasterFirst | Role::MasterAdditional) {
+        phases.push(etcd::phase());
     }
+    Plan { phases }
 }

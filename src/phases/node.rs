@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::dbus;
 use crate::engine::{Context, Outcome, Phase, Step, StepError};
 use crate::fsutil::{self, PUBLIC_MODE};
+use crate::services;
 use crate::wait::{self, Backoff, Poll};
 
 pub const PHASE: &str = "node";
@@ -123,10 +123,7 @@ impl Step for Hostname {
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
         let want = &ctx.node.hostname;
-        match dbus::system_bus(&ctx.paths)
-            .await
-            .map_err(dbus_err("connect"))?
-        {
+        match services::system_bus(&ctx.paths).await? {
             Some(bus) => {
                 let proxy = Hostname1Proxy::new(&bus)
                     .await
@@ -148,10 +145,7 @@ impl Step for Hostname {
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         let want = &ctx.node.hostname;
-        match dbus::system_bus(&ctx.paths)
-            .await
-            .map_err(dbus_err("connect"))?
-        {
+        match services::system_bus(&ctx.paths).await? {
             Some(bus) => {
                 Hostname1Proxy::new(&bus)
                     .await
@@ -203,13 +197,10 @@ impl Step for NetworkApply {
         Ok(address_present(ctx.node.ip))
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
-        let Some(bus) = dbus::system_bus(&ctx.paths)
-            .await
-            .map_err(dbus_err("connect"))?
-        else {
+        let Some(bus) = services::system_bus(&ctx.paths).await? else {
             return Ok(Outcome::Skipped(format!(
                 "no system bus at {}; {NETWORK_FILE} takes effect when systemd-networkd starts",
-                dbus::system_bus_address(&ctx.paths)
+                services::system_bus_address(&ctx.paths)
             )));
         };
         Network1ManagerProxy::new(&bus)

@@ -512,12 +512,10 @@ fn unescape_dollar(word: &str) -> Result<String, String> {
     let mut out = String::with_capacity(word.len());
     let mut chars = word.chars();
     while let Some(c) = chars.next() {
-        if c == '$' {
-            if chars.next() != Some('$') {
-                return Err(format!(
-                    "variable expansion in `{word}` is not supported (write `$$`)"
-                ));
-            }
+        if c == '$' && chars.next() != Some('$') {
+            return Err(format!(
+                "variable expansion in `{word}` is not supported (write `$$`)"
+            ));
         }
         out.push(c);
     }
@@ -599,8 +597,7 @@ pub fn parse_env_file(
         // trimming of trailing whitespace must not cut into.
         let mut keep = 0;
         let mut at_start = true;
-        loop {
-            let Some(c) = chars.next() else { break };
+        while let Some(c) = chars.next() {
             match c {
                 '\n' => {
                     line_no += 1;
@@ -702,13 +699,28 @@ pub fn install_unit(paths: &HostPaths, unit: &Unit) -> Result<bool, ServicesErro
     Ok(changed)
 }
 
-fn write_if_changed(path: &Path, contents: &[u8], mode: u32) -> Result<bool, ServicesError> {
+/// True when `unit` (and its environment file) are on disk exactly as
+/// [`install_unit`] would write them.
+pub fn unit_installed(paths: &HostPaths, unit: &Unit) -> Result<bool, ServicesError> {
+    if let Some(f) = &unit.service.environment_file
+        && !file_matches(&f.path, render_env_file(&f.vars).as_bytes())?
+    {
+        return Ok(false);
+    }
+    file_matches(&unit_path(paths, &unit.name), unit.render()?.as_bytes())
+}
+
+fn file_matches(path: &Path, contents: &[u8]) -> Result<bool, ServicesError> {
     let current = fsutil::read_optional(path).map_err(|source| ServicesError::Io {
         what: "read the current file".into(),
         path: path.to_path_buf(),
         source,
     })?;
-    if current.as_deref() == Some(contents) {
+    Ok(current.as_deref() == Some(contents))
+}
+
+fn write_if_changed(path: &Path, contents: &[u8], mode: u32) -> Result<bool, ServicesError> {
+    if file_matches(path, contents)? {
         return Ok(false);
     }
     fsutil::write_atomic(path, contents, mode)?;
