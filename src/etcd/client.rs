@@ -56,7 +56,7 @@ impl EtcdError {
     pub fn is_retryable(&self) -> bool {
         match self {
             EtcdError::Api { source, .. } => {
-                let text = source.to_string();
+                let text = source.to_string().to_lowercase();
                 [
                     "unhealthy cluster",
                     "too many learner members",
@@ -65,9 +65,9 @@ impl EtcdError {
                     "leader changed",
                     "no leader",
                     "timed out",
-                    "Timeout",
+                    "timeout",
                     "transport error",
-                    "Unavailable",
+                    "unavailable",
                     "connection refused",
                 ]
                 .iter()

@@ -229,9 +229,28 @@ impl Step for PkiCerts {
     }
 }
 
+/// A client bound to one healthy peer, and the member list it sees.
+async fn healthy_peer(
+    ctx: &Context,
+    endpoint: String,
+) -> Result<(EtcdClient, Vec<Member>), StepError> {
+    let mut client = connect(ctx, std::slice::from_ref(&endpoint)).await?;
+    client.check_health().await?;
+    let members = client.members().await?;
+    Ok((client, members))
+}
+
 /// Waits for a cluster reachable through any peer to answer a member list.
+/// Peers are probed one by one, concurrently: a client balanced over all of
+/// them would send some calls to peers that are not up yet.
 async fn wait_for_cluster(ctx: &Context) -> Result<(EtcdClient, Vec<Member>), StepError> {
     let endpoints = topology::peer_client_urls(&ctx.config, &ctx.node);
+    if endpoints.is_empty() {
+        return Err(StepError::Precondition(
+            "this node must join an etcd cluster, but no other control-plane node is configured"
+                .into(),
+        ));
+    }
     ctx.progress.waiting(&format!(
         "a healthy etcd cluster at {}",
         endpoints.join(", ")
@@ -240,16 +259,13 @@ async fn wait_for_cluster(ctx: &Context) -> Result<(EtcdClient, Vec<Member>), St
     Ok(wait::poll_until(
         "an existing etcd cluster to answer",
         CLUSTER_WAIT,
-        Backoff::remote(Duration::from_secs(2)),
+        Backoff::remote(Duration::from_secs(1)),
         || async move {
-            let attempt = async {
-                let mut client = connect(ctx, endpoints).await?;
-                client.check_health().await?;
-                let members = client.members().await?;
-                Ok::<_, StepError>((client, members))
-            };
-            match attempt.await {
-                Ok(found) => Poll::Ready(found),
+            let probes = endpoints
+                .iter()
+                .map(|e| Box::pin(healthy_peer(ctx, e.clone())));
+            match futures_util::future::select_ok(probes).await {
+                Ok((found, _)) => Poll::Ready(found),
                 Err(e) => Poll::Pending(crate::error_chain(&e)),
             }
         },
@@ -462,8 +478,16 @@ struct Promote;
 impl Promote {
     async fn is_voter(ctx: &Context) -> Result<bool, StepError> {
         let id = require_record(ctx)?.member_id;
-        let mut client = connect(ctx, &[topology::client_url(&ctx.config, &ctx.node)]).await?;
-        let members = client.members().await?;
+        let local = async {
+            let mut client = connect(ctx, &[topology::client_url(&ctx.config, &ctx.node)]).await?;
+            Ok::<_, StepError>(client.members().await?)
+        };
+        // A voter answers itself; a learner refuses membership calls, so
+        // then a voting peer is asked.
+        let members = match local.await {
+            Ok(members) => members,
+            Err(_) => wait_for_cluster(ctx).await?.1,
+        };
         Ok(members
             .iter()
             .any(|m| Some(member_id_hex(m.id)) == id && !m.is_learner))
@@ -492,8 +516,8 @@ impl Step for Promote {
             path: record_path(ctx),
             reason: format!("member id {hex:?} is not hex"),
         })?;
-        let endpoints = vec![topology::client_url(&ctx.config, &ctx.node)];
-        let client = connect(ctx, &endpoints).await?;
+        // A learner serves no membership calls: ask a voting peer.
+        let (client, _) = wait_for_cluster(ctx).await?;
         ctx.progress
             .waiting("the learner to catch up with the leader");
         retry_membership("promotion of the learner", || {

@@ -14,6 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use tokio::net::UnixDatagram;
 use tokio::process::{Child, Command};
 
 use super::unit::{self, Unit};
@@ -133,7 +134,34 @@ impl ProcessManager {
         Ok(env)
     }
 
-    fn spawn(&self, unit: &Unit) -> Result<(Child, Tracked, u64), ServicesError> {
+    pub fn notify_socket(&self, unit: &str) -> PathBuf {
+        self.paths.host(PID_DIR).join(format!("{unit}.notify"))
+    }
+
+    /// The `NOTIFY_SOCKET` a `Type=notify` daemon reports `READY=1` on, as
+    /// systemd provides it; bound before the spawn so no message is lost.
+    fn bind_notify_socket(&self, unit: &str) -> Result<UnixDatagram, ServicesError> {
+        let path = self.notify_socket(unit);
+        let io = |what: &str| {
+            let what = what.to_string();
+            let path = path.clone();
+            move |source| ServicesError::Io { what, path, source }
+        };
+        fs::create_dir_all(self.paths.host(PID_DIR)).map_err(io("create the run directory"))?;
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io("remove a stale notify socket")(e));
+            }
+            _ => {}
+        }
+        UnixDatagram::bind(&path).map_err(io("bind the notify socket"))
+    }
+
+    fn spawn(
+        &self,
+        unit: &Unit,
+        notify_socket: Option<&Path>,
+    ) -> Result<(Child, Tracked, u64), ServicesError> {
         let name = &unit.name;
         let log_path = self.log_file(name);
         let io_err = |what: &str, path: &Path| {
@@ -161,6 +189,7 @@ impl ProcessManager {
         cmd.args(&argv[1..])
             .env_clear()
             .envs(self.environment(unit)?)
+            .envs(notify_socket.map(|s| ("NOTIFY_SOCKET", s)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(stderr);
@@ -177,11 +206,14 @@ impl ProcessManager {
                 // group.
                 nix::unistd::setsid()?;
                 if let Some(n) = limit_nofile {
-                    nix::sys::resource::setrlimit(
-                        nix::sys::resource::Resource::RLIMIT_NOFILE,
-                        n,
-                        n,
-                    )?;
+                    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+                    // systemd (PID 1) may raise the hard limit; an agent in a
+                    // container often may not, so it gets as close as allowed.
+                    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+                    if setrlimit(Resource::RLIMIT_NOFILE, n, n).is_err() {
+                        let n = n.min(hard);
+                        setrlimit(Resource::RLIMIT_NOFILE, n, hard)?;
+                    }
                 }
                 Ok(())
             });
@@ -200,6 +232,80 @@ impl ProcessManager {
             PUBLIC_MODE,
         )?;
         Ok((child, tracked, log_start))
+    }
+
+    /// Like systemd for `Type=notify`: the start is done when the daemon
+    /// sends `READY=1`, failed when it exits first, and timed out (and the
+    /// daemon stopped) after `TimeoutStartSec=`.
+    async fn start_notify(&self, unit: &Unit) -> Result<(), ServicesError> {
+        let name = &unit.name;
+        let socket = self.bind_notify_socket(name)?;
+        let socket_path = self.notify_socket(name);
+        let (mut child, _tracked, log_start) = self.spawn(unit, Some(&socket_path))?;
+        let timeout = unit
+            .service
+            .timeout_start_sec
+            .unwrap_or(DEFAULT_START_TIMEOUT);
+        let ready = async {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = socket.recv(&mut buf).await?;
+                if String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == "READY=1")
+                {
+                    return Ok::<(), std::io::Error>(());
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            ready = tokio::time::timeout(timeout, ready) => match ready {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(source)) => Err(ServicesError::Io {
+                    what: "receive on the notify socket".into(),
+                    path: socket_path.clone(),
+                    source,
+                }),
+                Err(_) => Err(ServicesError::Timeout {
+                    unit: name.clone(),
+                    action: "start",
+                    source: crate::wait::WaitTimeout {
+                        what: format!("{name} to send READY=1"),
+                        waited: timeout,
+                        last_seen: Some("running, not ready".into()),
+                    },
+                }),
+            },
+            status = child.wait() => {
+                let status = status.map_or_else(|e| format!("cannot wait for it: {e}"), |s| s.to_string());
+                self.remove_pid_file(name)?;
+                let log = self.log_file(name);
+                Err(ServicesError::ExitedEarly {
+                    unit: name.clone(),
+                    status,
+                    log_tail: log_tail(&log, log_start),
+                    log,
+                })
+            }
+        };
+        drop(socket);
+        let _ = fs::remove_file(&socket_path);
+        match outcome {
+            Ok(()) => {
+                tokio::spawn(async move {
+                    let _ = child.wait().await;
+                });
+                Ok(())
+            }
+            Err(e @ ServicesError::Timeout { .. }) => {
+                // As systemd does on a start timeout: the half-started
+                // daemon is stopped, so a retry starts from a clean slate.
+                drop(child);
+                self.stop(name).await?;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -222,7 +328,10 @@ impl ServiceManager for ProcessManager {
         if self.running(name)?.is_some() {
             return Ok(());
         }
-        let (mut child, tracked, log_start) = self.spawn(&unit)?;
+        if unit.service.type_ == unit::ServiceType::Notify {
+            return self.start_notify(&unit).await;
+        }
+        let (mut child, tracked, log_start) = self.spawn(&unit, None)?;
         let settle = self.settle.min(
             unit.service
                 .timeout_start_sec

@@ -23,36 +23,73 @@ pub struct NodeDef {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<NodeDef>,
+    pub net: Net,
 }
 
-/// Picks a /24 inside 127.0.0.0/8 per test process so parallel test binaries
-/// (and leftovers of a crashed run) never share etcd addresses.
+/// Where the nodes live on the network.
+pub enum Net {
+    /// Every node on its own 127.<subnet>.0.x address of the host's `lo`.
+    /// Enough for everything but etcd peers: their connections leave from
+    /// 127.0.0.1, which the peer certificate check rejects.
+    Loopback { subnet: u8 },
+    /// Every node in its own network namespace `ca<subnet>n<i>` with
+    /// 198.18.<subnet>.x/24 (the benchmarking range, never routed) on a veth
+    /// into one bridge: connections come from the node's own address, as
+    /// between machines. Needs root.
+    Namespaces { subnet: u8 },
+}
+
+/// Picks a fresh /24 inside 127.0.0.0/8 for every cluster: clusters of one
+/// test binary run in parallel, and a new process starts elsewhere than a
+/// crashed run's leftovers.
 pub fn loopback_subnet() -> u8 {
-    let pid = std::process::id();
-    u8::try_from(10 + pid % 240).expect("fits")
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    u8::try_from(10 + (std::process::id() * 37 + n) % 240).expect("fits")
 }
 
 impl Cluster {
     /// `spec`: (name, roles) pairs; addresses are assigned in order.
     pub fn new(spec: &[(&str, &[&'static str])]) -> Cluster {
-        let subnet = loopback_subnet();
-        Self::with_subnet(spec, subnet)
+        Self::build(
+            spec,
+            Net::Loopback {
+                subnet: loopback_subnet(),
+            },
+        )
     }
 
     pub fn with_subnet(spec: &[(&str, &[&'static str])], subnet: u8) -> Cluster {
+        Self::build(spec, Net::Loopback { subnet })
+    }
+
+    /// Nodes in their own network namespaces (see [`Net::Namespaces`]).
+    pub fn isolated(spec: &[(&str, &[&'static str])]) -> Cluster {
+        let cluster = Self::build(
+            spec,
+            Net::Namespaces {
+                subnet: loopback_subnet(),
+            },
+        );
+        cluster.create_namespaces();
+        cluster
+    }
+
+    fn build(spec: &[(&str, &[&'static str])], net: Net) -> Cluster {
         let nodes = spec
             .iter()
             .enumerate()
             .map(|(i, (name, roles))| NodeDef {
                 name: name.to_string(),
-                ip: format!("127.{subnet}.0.{}", i + 11),
+                ip: format!("{}.{}", net.prefix(), i + 11),
                 roles: roles.to_vec(),
-                mac: format!("52:54:00:00:{subnet:02x}:{:02x}", i + 1),
+                mac: format!("52:54:00:00:{:02x}:{:02x}", net.subnet(), i + 1),
             })
             .collect();
         let cluster = Cluster {
             dir: tempfile::tempdir().expect("tempdir"),
             nodes,
+            net,
         };
         for node in &cluster.nodes {
             cluster.write_config(&node.name, &cluster.cluster_yaml());
@@ -61,9 +98,9 @@ impl Cluster {
     }
 
     pub fn cluster_yaml(&self) -> String {
-        let subnet = self.nodes[0].ip.split('.').nth(1).unwrap().to_string();
+        let prefix = self.net.prefix();
         let mut yaml = format!(
-            "cluster:\n  name: test\n  control_plane_endpoint: {}:6443\n  networking:\n    prefix_length: 8\n    gateway: 127.0.0.1\n    dns_servers: [127.0.0.1]\n  ceph:\n    public_network: 127.{subnet}.0.0/24\n    cluster_network: 127.{subnet}.0.0/24\nnodes:\n",
+            "cluster:\n  name: test\n  control_plane_endpoint: {}:6443\n  networking:\n    prefix_length: 24\n    gateway: {prefix}.1\n    dns_servers: [{prefix}.1]\n  ceph:\n    public_network: {prefix}.0/24\n    cluster_network: {prefix}.0/24\nnodes:\n",
             self.nodes[0].ip
         );
         for n in &self.nodes {
@@ -96,9 +133,34 @@ impl Cluster {
         std::fs::write(dir.join("cluster.yaml"), yaml).unwrap();
     }
 
+    /// `node`'s network namespace, if the nodes have their own.
+    pub fn netns(&self, node: &str) -> Option<String> {
+        let Net::Namespaces { subnet } = self.net else {
+            return None;
+        };
+        let i = self
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .expect("known node");
+        Some(format!("ca{subnet}n{i}"))
+    }
+
+    /// `program` run inside `node`'s network (its namespace, if any).
+    pub fn command_on(&self, node: &str, program: &str) -> Command {
+        match self.netns(node) {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &ns, program]);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
     /// The agent for `node`, with the process backend and its root.
     pub fn agent(&self, node: &str) -> Command {
-        let mut cmd = Command::new(AGENT);
+        let mut cmd = self.command_on(node, AGENT);
         cmd.arg("--root")
             .arg(self.root(node))
             .arg("--node")
@@ -162,4 +224,137 @@ pub fn plan_steps(cluster: &Cluster, node: &str) -> Vec<String> {
 
 pub fn exists(p: &Path) -> bool {
     p.exists()
+}
+
+impl Cluster {
+    /// Generates the shared CAs once, with the agent's own PKI code, and puts
+    /// them into every node's `<config-dir>/pki` — the seam the join service
+    /// will replace — so nodes may start in any order.
+    pub fn share_ca(&self) {
+        let seed = self.dir.path().join("ca-seed");
+        let paths = cluster_agent::paths::HostPaths::new(&seed, None, None);
+        cluster_agent::pki::ensure_cluster_cas(&paths, cluster_agent::pki::CaSource::Generate)
+            .expect("generate CAs");
+        let pki = cluster_agent::pki::PkiPaths::new(&paths);
+        for node in &self.nodes {
+            copy_tree(pki.dir(), &self.config_dir(&node.name).join("pki"));
+        }
+    }
+
+    /// SIGKILLs every daemon the process backend started for `node`.
+    pub fn kill_daemons(&self, node: &str) {
+        let run = self.root(node).join("run/cluster-agent");
+        let Ok(entries) = std::fs::read_dir(&run) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.path().extension().is_some_and(|e| e == "pid") {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl Net {
+    fn subnet(&self) -> u8 {
+        match *self {
+            Net::Loopback { subnet } | Net::Namespaces { subnet } => subnet,
+        }
+    }
+
+    /// The first three octets of the nodes' /24.
+    fn prefix(&self) -> String {
+        match *self {
+            Net::Loopback { subnet } => format!("127.{subnet}.0"),
+            Net::Namespaces { subnet } => format!("198.18.{subnet}"),
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("iproute2 is installed");
+    assert!(
+        out.status.success(),
+        "ip {}: {} (network namespaces need root)",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn ip_quiet(args: &[&str]) {
+    let _ = Command::new("ip").args(args).output();
+}
+
+impl Cluster {
+    fn bridge(&self) -> String {
+        format!("cab{}", self.net.subnet())
+    }
+
+    fn create_namespaces(&self) {
+        let bridge = self.bridge();
+        self.remove_namespaces();
+        ip(&["link", "add", &bridge, "type", "bridge"]);
+        ip(&["link", "set", &bridge, "up"]);
+        for (i, node) in self.nodes.iter().enumerate() {
+            let ns = self.netns(&node.name).unwrap();
+            let veth = format!("{bridge}v{i}");
+            ip(&["netns", "add", &ns]);
+            ip(&[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ]);
+            ip(&["link", "set", &veth, "master", &bridge, "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", node.ip),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+    }
+
+    fn remove_namespaces(&self) {
+        for node in &self.nodes {
+            if let Some(ns) = self.netns(&node.name) {
+                ip_quiet(&["netns", "del", &ns]);
+            }
+        }
+        ip_quiet(&["link", "del", &self.bridge()]);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            self.kill_daemons(&node.name);
+        }
+        if matches!(self.net, Net::Namespaces { .. }) {
+            self.remove_namespaces();
+        }
+    }
+}
+
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
 }
