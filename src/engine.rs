@@ -152,13 +152,26 @@ pub struct CrashPoint {
 pub const CRASH_ENV: &str = "CLUSTER_AGENT_CRASH_AT";
 
 impl CrashPoint {
-    pub fn from_env() -> Option<CrashPoint> {
-        let spec = std::env::var(CRASH_ENV).ok()?;
+    /// A malformed spec is a usage error: a typo must not silently crash
+    /// somewhere else (or nowhere).
+    pub fn from_env() -> Result<Option<CrashPoint>, String> {
+        let Ok(spec) = std::env::var(CRASH_ENV) else {
+            return Ok(None);
+        };
         let (step, when) = spec.split_once(':').unwrap_or((spec.as_str(), "before"));
-        Some(CrashPoint {
+        let after = match when {
+            "before" => false,
+            "after" => true,
+            other => {
+                return Err(format!(
+                    "{CRASH_ENV}={spec}: `{other}` is neither `before` nor `after`"
+                ));
+            }
+        };
+        Ok(Some(CrashPoint {
             step: step.to_string(),
-            after: when == "after",
-        })
+            after,
+        }))
     }
 
     fn trigger(crash: &Option<CrashPoint>, step: &str, after: bool) {
@@ -197,8 +210,11 @@ fn now() -> Option<OffsetDateTime> {
 
 /// Runs every phase in order. A failed phase stops its own remaining steps
 /// and blocks phases that require it; independent phases still run.
-pub async fn execute(plan: &Plan, ctx: &Context) -> Result<RunSummary, StateError> {
-    let crash = CrashPoint::from_env();
+pub async fn execute(
+    plan: &Plan,
+    ctx: &Context,
+    crash: Option<CrashPoint>,
+) -> Result<RunSummary, StateError> {
     let mut summary = RunSummary::default();
     for phase in &plan.phases {
         let unmet: Vec<&str> = phase

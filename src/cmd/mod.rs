@@ -41,6 +41,7 @@ impl CliError {
         match self {
             CliError::Config(ConfigError::Invalid { .. })
             | CliError::Identity(_)
+            | CliError::Config(ConfigError::Io { .. })
             | CliError::Usage(_) => EXIT_USAGE,
             CliError::State(StateError::Locked { .. }) => EXIT_LOCKED,
             _ => EXIT_FAILURE,

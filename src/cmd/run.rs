@@ -1,7 +1,7 @@
 use time::format_description::well_known::Rfc3339;
 
 use crate::cli::{GlobalArgs, ServicesArg};
-use crate::engine::{self, Context, Progress};
+use crate::engine::{self, CRASH_ENV, Context, CrashPoint, Progress};
 use crate::notify;
 use crate::paths::HostPaths;
 use crate::phases;
@@ -21,6 +21,15 @@ pub async fn run(global: &GlobalArgs, paths: &HostPaths) -> Result<i32, CliError
     let (node, target) = target(global, paths, &config)?;
     let node = node.clone();
     let plan = phases::build(target.role, target.ceph_role);
+    let crash = CrashPoint::from_env().map_err(CliError::Usage)?;
+    if let Some(c) = &crash
+        && !plan.step_names().any(|(_, s)| s == c.step)
+    {
+        return Err(CliError::Usage(format!(
+            "{CRASH_ENV}: {} has no step `{}` (see `cluster-agent plan`)",
+            node.name, c.step
+        )));
+    }
 
     let store = StateStore::new(paths.state_dir());
     let _lock = store.lock()?;
@@ -65,7 +74,7 @@ pub async fn run(global: &GlobalArgs, paths: &HostPaths) -> Result<i32, CliError
         progress: Progress::new(store.clone(), journal),
         services,
     };
-    let summary = engine::execute(&plan, &ctx).await?;
+    let summary = engine::execute(&plan, &ctx, crash).await?;
     if !summary.succeeded() {
         let mut parts: Vec<String> = summary
             .failed

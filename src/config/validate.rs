@@ -159,9 +159,14 @@ impl PartialSettings {
         let control_plane_endpoint = match self.control_plane_endpoint {
             Some(e) => e,
             None => {
+                // The node that founds the cluster (master-first), so the
+                // default endpoint is up before any other API server.
+                let name =
+                    |n: &NodeInput| n.name.as_ref().map(|a| a.value.clone()).unwrap_or_default();
                 let first_cp = nodes
                     .iter()
-                    .find(|n| n.role_set().contains(&NodeRole::ControlPlane))?;
+                    .filter(|n| n.role_set().contains(&NodeRole::ControlPlane))
+                    .min_by(|a, b| crate::role::natural_cmp(&name(a), &name(b)))?;
                 super::Endpoint {
                     host: first_cp.ip.as_ref()?.value.to_string(),
                     port: DEFAULT_API_PORT,

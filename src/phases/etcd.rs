@@ -374,7 +374,8 @@ impl Step for Configure {
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
         let unit = topology::render_unit(&ctx.paths, &ctx.config, &ctx.node, &require_record(ctx)?);
-        Ok(services::unit_installed(&ctx.paths, &unit)?)
+        Ok(services::unit_installed(&ctx.paths, &unit)?
+            && services::unit_enabled(&ctx.paths, &unit))
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         let unit = topology::render_unit(&ctx.paths, &ctx.config, &ctx.node, &require_record(ctx)?);
@@ -386,6 +387,9 @@ impl Step for Configure {
         }
         services::install_unit(&ctx.paths, &unit)?;
         ctx.services.daemon_reload().await?;
+        // etcd must come back after a reboot on its own, before the agent
+        // (and whatever else) needs it.
+        ctx.services.enable(topology::UNIT_NAME).await?;
         Ok(Outcome::Done)
     }
 }
@@ -405,13 +409,26 @@ impl Start {
         let recorded = require_record(ctx)?.member_id;
         match recorded {
             Some(hex) if hex != member_id_hex(running) => Err(StepError::Precondition(format!(
-                "the etcd data dir {} belongs to member {}, but this node was added as member {hex}; \
-                 run `cluster-agent reset` on this node to start it clean",
-                topology::data_dir(&ctx.paths).display(),
-                member_id_hex(running)
+                "the etcd data dir {dir} belongs to member {}, but this node was added as member {hex}; \
+                 stop etcd, move {dir} aside, run `cluster-agent reset --yes` on this node and run it again",
+                member_id_hex(running),
+                dir = topology::data_dir(&ctx.paths).display(),
             ))),
             _ => Ok(()),
         }
+    }
+
+    fn is_recorded(ctx: &Context, id: u64) -> Result<bool, StepError> {
+        let hex = member_id_hex(id);
+        Ok(
+            require_record(ctx)?.member_id.as_deref() == Some(hex.as_str())
+                && ctx
+                    .progress
+                    .store()
+                    .read_marker(Marker::EtcdMemberId)?
+                    .as_deref()
+                    == Some(hex.as_str()),
+        )
     }
 
     fn record_member(ctx: &Context, id: u64) -> Result<(), StepError> {
@@ -441,8 +458,7 @@ impl Step for Start {
         match local_ready(ctx).await {
             Ok(id) => {
                 Self::verify_identity(ctx, id)?;
-                Self::record_member(ctx, id)?;
-                Ok(true)
+                Self::is_recorded(ctx, id)
             }
             Err(_) => Ok(false),
         }

@@ -1,6 +1,7 @@
 //! The runbook: which phases, in which order, for which role. Each phase is a
 //! list of steps executed by [`crate::engine`].
 
+pub mod control_plane;
 pub mod etcd;
 pub mod node;
 
@@ -14,6 +15,7 @@ pub fn build(role: Role, _ceph_role: CephRole) -> Plan {
     let mut phases = vec![node::phase()];
     if matches!(role, Role::MasterFirst | Role::MasterAdditional) {
         phases.push(etcd::phase());
+        phases.push(control_plane::phase());
     }
     Plan { phases }
 }

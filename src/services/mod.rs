@@ -26,7 +26,7 @@ pub use process::ProcessManager;
 pub use systemd::SystemdManager;
 pub use unit::{
     EnvironmentFile, InstallSection, RestartPolicy, ServiceSection, ServiceType, Unit,
-    install_unit, parse_env_file, parse_unit, unit_installed, unit_path,
+    install_unit, parse_env_file, parse_unit, unit_enabled, unit_installed, unit_path,
 };
 
 /// How long `start`/`restart` wait for a unit to become active when the unit

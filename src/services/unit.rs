@@ -710,6 +710,19 @@ pub fn unit_installed(paths: &HostPaths, unit: &Unit) -> Result<bool, ServicesEr
     file_matches(&unit_path(paths, &unit.name), unit.render()?.as_bytes())
 }
 
+/// True when every `WantedBy=` target has the `.wants/` link that enabling
+/// creates (both backends, and `systemctl enable`, make the same links).
+pub fn unit_enabled(paths: &HostPaths, unit: &Unit) -> bool {
+    unit.install.wanted_by.iter().all(|target| {
+        paths
+            .host(UNIT_DIR)
+            .join(format!("{target}.wants"))
+            .join(&unit.name)
+            .symlink_metadata()
+            .is_ok()
+    })
+}
+
 fn file_matches(path: &Path, contents: &[u8]) -> Result<bool, ServicesError> {
     let current = fsutil::read_optional(path).map_err(|source| ServicesError::Io {
         what: "read the current file".into(),
