@@ -193,33 +193,11 @@ fn identity_by_mac_is_case_insensitive_and_physical_only() {
 
     // Both MACs physical: ambiguous.
     std::fs::create_dir_all(net.join("br0/device")).unwrap();
-    let out = std::process::Command::new(support::AGENT)
-        .arg("--root")
-        .arg(c.root("w-1"))
-        .arg("plan")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("several nodes"),
-        "{}",
-        text(&out)
-    );
+    assert_identity_error(&c, "several nodes");
 
     // No match at all.
     std::fs::remove_dir_all(&net).unwrap();
-    let out = std::process::Command::new(support::AGENT)
-        .arg("--root")
-        .arg(c.root("w-1"))
-        .arg("plan")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no node"),
-        "{}",
-        text(&out)
-    );
+    assert_identity_error(&c, "no node");
 
     // The identity file wins over MACs.
     std::fs::write(c.config_dir("w-1").join("node-identity"), "cp-1\n").unwrap();
@@ -327,4 +305,65 @@ fn journal_writer_child() {
         journal.steps[(i as usize) % names.len()].attempts = i;
         store.save_journal(&journal).unwrap();
     }
+}
+
+/// `plan` without `--node` must refuse with exit 2 and say `why`.
+fn assert_identity_error(c: &Cluster, why: &str) {
+    let out = std::process::Command::new(support::AGENT)
+        .arg("--root")
+        .arg(c.root("w-1"))
+        .arg("plan")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(why),
+        "{}",
+        text(&out)
+    );
+}
+
+/// Journals written by released agents must stay readable: every fixture
+/// under `state-fixtures/` is a real state dir, and `status` must report it.
+#[test]
+fn state_fixtures_stay_readable() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("state-fixtures");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&fixtures).unwrap().flatten() {
+        let root = entry.path();
+        let state = root.join("var/lib/cluster-state");
+        if !state.is_dir() {
+            continue;
+        }
+        let copy = tempfile::tempdir().unwrap();
+        support::copy_tree(&root, copy.path());
+        let out = std::process::Command::new(support::AGENT)
+            .arg("--root")
+            .arg(copy.path())
+            .args(["--json", "status"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}: {}",
+            root.display(),
+            text(&out)
+        );
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let role = std::fs::read_to_string(state.join("node-role")).unwrap();
+        assert!(status.to_string().contains(role.trim()), "{status}");
+        let journal =
+            cluster_agent::state::StateStore::new(&copy.path().join("var/lib/cluster-state"))
+                .load_journal()
+                .unwrap()
+                .unwrap();
+        assert!(journal.all_complete(), "{}", root.display());
+        checked += 1;
+    }
+    assert!(
+        checked >= 1,
+        "no state fixtures found in {}",
+        fixtures.display()
+    );
 }

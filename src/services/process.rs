@@ -234,6 +234,24 @@ impl ProcessManager {
         Ok((child, tracked, log_start))
     }
 
+    /// The error for a daemon that died while starting, with what it logged;
+    /// its pid file goes, so `state` does not report a crash of a later run.
+    fn exited_early(
+        &self,
+        name: &str,
+        status: String,
+        log_start: u64,
+    ) -> Result<ServicesError, ServicesError> {
+        self.remove_pid_file(name)?;
+        let log = self.log_file(name);
+        Ok(ServicesError::ExitedEarly {
+            unit: name.to_string(),
+            status,
+            log_tail: log_tail(&log, log_start),
+            log,
+        })
+    }
+
     /// Like systemd for `Type=notify`: the start is done when the daemon
     /// sends `READY=1`, failed when it exits first, and timed out (and the
     /// daemon stopped) after `TimeoutStartSec=`.
@@ -278,14 +296,7 @@ impl ProcessManager {
             },
             status = child.wait() => {
                 let status = status.map_or_else(|e| format!("cannot wait for it: {e}"), |s| s.to_string());
-                self.remove_pid_file(name)?;
-                let log = self.log_file(name);
-                Err(ServicesError::ExitedEarly {
-                    unit: name.clone(),
-                    status,
-                    log_tail: log_tail(&log, log_start),
-                    log,
-                })
+                Err(self.exited_early(name, status, log_start)?)
             }
         };
         drop(socket);
@@ -365,16 +376,7 @@ impl ServiceManager for ProcessManager {
                 debug_assert!(is_alive(tracked));
                 Ok(())
             }
-            Ok(status) => {
-                self.remove_pid_file(name)?;
-                let log = self.log_file(name);
-                Err(ServicesError::ExitedEarly {
-                    unit: name.to_string(),
-                    status,
-                    log_tail: log_tail(&log, log_start),
-                    log,
-                })
-            }
+            Ok(status) => Err(self.exited_early(name, status, log_start)?),
         }
     }
 
