@@ -30,7 +30,7 @@ fn run_converges_and_a_second_run_changes_nothing() {
     )
     .unwrap();
     assert!(
-        network.contains(&format!("Address={}/8", c.nodes[1].ip)),
+        network.contains(&format!("Address={}/24", c.nodes[1].ip)),
         "{network}"
     );
     assert!(
