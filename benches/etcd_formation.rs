@@ -1,0 +1,5 @@
+#[path = "../tests/support/mod.rs"]
+mod support;
+fn main() {
+    println!("{}", support::AGENT);
+}
