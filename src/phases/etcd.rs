@@ -194,6 +194,11 @@ impl Step for PkiCas {
             CaSource::Import(&import_dir)
         } else if record.formation == Formation::New {
             CaSource::Generate
+        } else if pki::read_shared_ca_bundle(&ctx.paths).is_ok() {
+            // A node that rejoins (re-imaged master-first, after `reset`)
+            // and still holds the whole, consistent shared material.
+            tracing::info!("joining with the shared CA material already on this node");
+            return Ok(Outcome::Done);
         } else {
             return Err(StepError::Precondition(format!(
                 "this node joins an existing cluster but has no shared CA material: copy ca.*, \
