@@ -258,16 +258,14 @@ async fn run_phase(
         let name = step.name();
         ctx.progress.enter(phase.name, name);
         CrashPoint::trigger(crash, name, false);
-        let recorded = ctx
-            .progress
-            .journal()
-            .step(name)
-            .map(|r| r.status)
-            .unwrap_or(StepStatus::Pending);
         match step.check(ctx).await {
             Ok(true) => {
                 tracing::info!(step = name, "already in place");
-                if recorded != StepStatus::Done {
+                // A check may itself have announced a wait it then did not
+                // need; a done step must not look as if it were waiting.
+                let recorded = ctx.progress.journal().step(name).cloned();
+                if recorded.is_none_or(|r| r.status != StepStatus::Done || r.waiting_for.is_some())
+                {
                     ctx.progress.update(name, |r| {
                         r.status = StepStatus::Done;
                         r.finished_at = now();

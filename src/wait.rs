@@ -53,6 +53,20 @@ impl Backoff {
         }
     }
 
+    /// For a change a remote cluster refuses while it is briefly busy (etcd's
+    /// strict reconfiguration check, its one-learner limit). The refusal
+    /// ends at an instant we cannot observe, and every millisecond past it
+    /// is the agent's own delay, so ask about as often as a local poll: a
+    /// request per ≤ 100 ms from each of a handful of joiners costs etcd
+    /// nothing. Jitter keeps joiners from colliding.
+    pub fn contended() -> Backoff {
+        Backoff {
+            next: FIRST_INTERVAL,
+            max: LOCAL_MAX_INTERVAL,
+            jitter: true,
+        }
+    }
+
     pub fn next_delay(&mut self) -> Duration {
         let base = self.next;
         self.next = (self.next * 2).min(self.max);

@@ -44,7 +44,7 @@ pub fn phase() -> Phase {
             Box::new(MemberAdd),
             Box::new(Configure),
             Box::new(Start),
-            Box::new(Promote),
+            Box::new(Promote::default()),
         ],
     }
 }
@@ -284,20 +284,15 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, EtcdError>>,
 {
-    let outcome = wait::poll_until(
-        what,
-        MEMBERSHIP_WAIT,
-        Backoff::remote(Duration::from_secs(1)),
-        || {
-            let attempt = call();
-            async move {
-                match attempt.await {
-                    Err(e) if e.is_retryable() => Poll::Pending(e.to_string()),
-                    done => Poll::Ready(done),
-                }
+    let outcome = wait::poll_until(what, MEMBERSHIP_WAIT, Backoff::contended(), || {
+        let attempt = call();
+        async move {
+            match attempt.await {
+                Err(e) if e.is_retryable() => Poll::Pending(e.to_string()),
+                done => Poll::Ready(done),
             }
-        },
-    )
+        }
+    })
     .await?;
     Ok(outcome?)
 }
@@ -494,21 +489,34 @@ impl Step for Start {
     }
 }
 
-struct Promote;
+/// Keeps the voting peer's client that `check` connected to, so `apply`
+/// does not connect to and health-check the cluster a second time: on a
+/// learner's join every round trip is on the critical path.
+#[derive(Default)]
+struct Promote {
+    voter_peer: tokio::sync::Mutex<Option<EtcdClient>>,
+}
+
+type MemberList<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<Member>, StepError>> + Send + 'a>,
+>;
 
 impl Promote {
-    async fn is_voter(ctx: &Context) -> Result<bool, StepError> {
+    async fn is_voter(&self, ctx: &Context) -> Result<bool, StepError> {
         let id = require_record(ctx)?.member_id;
-        let local = async {
+        // A voter answers itself; a learner refuses membership calls and
+        // only a voting peer knows. Both are asked at once, the first member
+        // list wins.
+        let local: MemberList = Box::pin(async {
             let mut client = connect(ctx, &[topology::client_url(&ctx.config, &ctx.node)]).await?;
-            Ok::<_, StepError>(client.members().await?)
-        };
-        // A voter answers itself; a learner refuses membership calls, so
-        // then a voting peer is asked.
-        let members = match local.await {
-            Ok(members) => members,
-            Err(_) => wait_for_cluster(ctx).await?.1,
-        };
+            Ok(client.members().await?)
+        });
+        let peers: MemberList = Box::pin(async {
+            let (client, members) = wait_for_cluster(ctx).await?;
+            *self.voter_peer.lock().await = Some(client);
+            Ok(members)
+        });
+        let (members, _) = futures_util::future::select_ok([local, peers]).await?;
         Ok(members
             .iter()
             .any(|m| Some(member_id_hex(m.id)) == id && !m.is_learner))
@@ -527,7 +535,7 @@ impl Step for Promote {
         if require_record(ctx)?.formation == Formation::New {
             return Ok(true);
         }
-        Self::is_voter(ctx).await
+        self.is_voter(ctx).await
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         let hex = require_record(ctx)?.member_id.ok_or_else(|| {
@@ -538,7 +546,11 @@ impl Step for Promote {
             reason: format!("member id {hex:?} is not hex"),
         })?;
         // A learner serves no membership calls: ask a voting peer.
-        let (client, _) = wait_for_cluster(ctx).await?;
+        let cached = self.voter_peer.lock().await.take();
+        let client = match cached {
+            Some(client) => client,
+            None => wait_for_cluster(ctx).await?.0,
+        };
         ctx.progress
             .waiting("the learner to catch up with the leader");
         retry_membership("promotion of the learner", || {
