@@ -367,3 +367,22 @@ fn state_fixtures_stay_readable() {
         fixtures.display()
     );
 }
+
+#[test]
+fn plan_piped_into_a_closed_pipe_ends_quietly() {
+    let c = Cluster::new(WORKER_ONLY);
+    // A reader that is gone before the first byte: like `plan | head -0`.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = c
+        .agent("w-1")
+        .args(["plan", "--all-nodes"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    use std::os::unix::process::ExitStatusExt;
+    let sigpipe = nix::sys::signal::Signal::SIGPIPE as i32;
+    assert_eq!(out.status.signal(), Some(sigpipe), "{stderr}");
+}
