@@ -240,7 +240,7 @@ pub async fn execute(
             continue;
         }
         if let Err(e) = run_phase(phase, ctx, &crash).await? {
-            tracing::error!(phase = phase.name, error = %e, "phase failed");
+            tracing::error!(phase = phase.name, "phase {} failed: {e}", phase.name);
             summary.failed.push((phase.name.to_string(), e));
         }
     }
@@ -260,7 +260,7 @@ async fn run_phase(
         CrashPoint::trigger(crash, name, false);
         match step.check(ctx).await {
             Ok(true) => {
-                tracing::info!(step = name, "already in place");
+                tracing::info!(step = name, "{name}: already in place");
                 // A check may itself have announced a wait it then did not
                 // need; a done step must not look as if it were waiting.
                 let recorded = ctx.progress.journal().step(name).cloned();
@@ -286,7 +286,9 @@ async fn run_phase(
             r.waiting_for = None;
             r.note = None;
         })?;
-        tracing::info!(step = name, "applying");
+        // The step is in the message too: `journalctl -u cluster-bootstrap`
+        // shows messages, not fields.
+        tracing::info!(step = name, "{name}: applying");
         match step.apply(ctx).await {
             Ok(outcome) => {
                 CrashPoint::trigger(crash, name, true);
@@ -297,7 +299,7 @@ async fn run_phase(
                     match outcome {
                         Outcome::Done => r.status = StepStatus::Done,
                         Outcome::Skipped(reason) => {
-                            tracing::warn!(step = name, reason = %reason, "skipped");
+                            tracing::warn!(step = name, "{name}: skipped: {reason}");
                             r.status = StepStatus::Skipped;
                             r.note = Some(reason);
                         }

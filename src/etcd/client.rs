@@ -49,6 +49,12 @@ impl EtcdError {
         text.contains("can only promote a learner member") && !text.contains("in sync")
     }
 
+    /// The strict reconfiguration check's refusal: the leader does not
+    /// (yet) see every voter connected.
+    pub fn is_unhealthy_cluster(&self) -> bool {
+        self.to_string().contains("unhealthy cluster")
+    }
+
     /// Errors etcd documents as transient during membership changes: the
     /// strict reconfiguration check right after a promotion, the one-learner
     /// limit while another node joins, a learner not yet in sync, and plain

@@ -297,6 +297,65 @@ where
     Ok(outcome?)
 }
 
+/// etcd 3.4 checks a member add against the view of the member that
+/// receives it, which must have been connected to every voter for 5 s. A
+/// member can go on believing a restarted peer is disconnected while their
+/// streams are in fact up (etcd-io/etcd#14523), and then refuses every add
+/// as "unhealthy cluster", for good: seen on real nodes when a joining
+/// master lost power right after being added. Once one member has refused
+/// well past the 5 s etcd itself needs, the add goes through the next voter.
+const REFUSING_MEMBER_AFTER: Duration = Duration::from_secs(10);
+
+async fn add_learner(
+    ctx: &Context,
+    client: &EtcdClient,
+    members: &[Member],
+    peer_url: &str,
+) -> Result<(u64, Vec<Member>), StepError> {
+    let voters: Vec<&Member> = members
+        .iter()
+        .filter(|m| m.started() && !m.is_learner)
+        .collect();
+    // The client asked now, the voter to try next, since when it refuses.
+    let state = std::sync::Mutex::new((client.clone(), 0, None::<std::time::Instant>));
+    let state = &state;
+    let voters = &voters;
+    retry_membership("etcd to accept the learner", || async move {
+        let mut asked = lock(state).0.clone();
+        let result = asked.add_learner(peer_url).await;
+        if let Err(e) = &result
+            && e.is_unhealthy_cluster()
+        {
+            let next = {
+                let mut s = lock(state);
+                let since = *s.2.get_or_insert_with(std::time::Instant::now);
+                (since.elapsed() >= REFUSING_MEMBER_AFTER && !voters.is_empty()).then(|| {
+                    s.1 = (s.1 + 1) % voters.len();
+                    s.2 = None;
+                    voters[s.1]
+                })
+            };
+            if let Some(voter) = next {
+                tracing::warn!(
+                    "etcd has refused this member add as \"unhealthy cluster\" for \
+                     {REFUSING_MEMBER_AFTER:?} (etcd-io/etcd#14523); asking member {} instead",
+                    voter.name
+                );
+                match connect(ctx, &voter.client_urls).await {
+                    Ok(client) => lock(state).0 = client,
+                    Err(e) => tracing::warn!("{}", crate::error_chain(&e)),
+                }
+            }
+        }
+        result
+    })
+    .await
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct MemberAdd;
 
 #[async_trait]
@@ -343,12 +402,7 @@ impl Step for MemberAdd {
             None => {
                 ctx.progress
                     .waiting("etcd to accept this node as a learner");
-                retry_membership("etcd to accept the learner", || {
-                    let mut c = client.clone();
-                    let url = peer_url.clone();
-                    async move { c.add_learner(&url).await }
-                })
-                .await?
+                add_learner(ctx, &client, &members, &peer_url).await?
             }
         };
         record.initial_cluster =

@@ -43,8 +43,11 @@ pub fn render_network(ctx: &Context) -> String {
         let macs: Vec<String> = node.mac_addresses.iter().map(|m| m.to_string()).collect();
         out.push_str(&format!("MACAddress={}\n", macs.join(" ")));
     }
+    // The node's address is what etcd and the monitors bind to: keep it
+    // through a pulled cable or a rebooting switch, so a daemon neither
+    // fails to bind at boot nor loses its address while running.
     out.push_str(&format!(
-        "\n[Network]\nAddress={}/{}\n",
+        "\n[Network]\nAddress={}/{}\nConfigureWithoutCarrier=yes\nIgnoreCarrierLoss=yes\n",
         node.ip, net.prefix_length
     ));
     if let Some(gw) = net.gateway {

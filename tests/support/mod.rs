@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod dbus;
+pub mod nspawn;
 pub mod systemd1_double;
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_cluster-agent");
@@ -98,21 +99,7 @@ impl Cluster {
     }
 
     pub fn cluster_yaml(&self) -> String {
-        let prefix = self.net.prefix();
-        let mut yaml = format!(
-            "cluster:\n  name: test\n  control_plane_endpoint: {}:6443\n  networking:\n    prefix_length: 24\n    gateway: {prefix}.1\n    dns_servers: [{prefix}.1]\n  ceph:\n    public_network: {prefix}.0/24\n    cluster_network: {prefix}.0/24\nnodes:\n",
-            self.nodes[0].ip
-        );
-        for n in &self.nodes {
-            yaml.push_str(&format!(
-                "  - name: {}\n    ip: {}\n    roles: [{}]\n    mac_addresses: [\"{}\"]\n",
-                n.name,
-                n.ip,
-                n.roles.join(", "),
-                n.mac
-            ));
-        }
-        yaml
+        cluster_yaml(&self.nodes, &self.net.prefix(), true)
     }
 
     pub fn root(&self, node: &str) -> PathBuf {
@@ -345,6 +332,29 @@ impl Drop for Cluster {
             self.remove_namespaces();
         }
     }
+}
+
+/// cluster.yaml for `nodes` on the /24 `prefix` (first three octets); the
+/// first node's IP is the API endpoint. Without `macs`, nodes are known by
+/// their node-identity file alone (machines whose MACs are not known in
+/// advance, like containers).
+pub fn cluster_yaml(nodes: &[NodeDef], prefix: &str, macs: bool) -> String {
+    let mut yaml = format!(
+        "cluster:\n  name: test\n  control_plane_endpoint: {}:6443\n  networking:\n    prefix_length: 24\n    gateway: {prefix}.1\n    dns_servers: [{prefix}.1]\n  ceph:\n    public_network: {prefix}.0/24\n    cluster_network: {prefix}.0/24\nnodes:\n",
+        nodes[0].ip
+    );
+    for n in nodes {
+        yaml.push_str(&format!(
+            "  - name: {}\n    ip: {}\n    roles: [{}]\n",
+            n.name,
+            n.ip,
+            n.roles.join(", "),
+        ));
+        if macs {
+            yaml.push_str(&format!("    mac_addresses: [\"{}\"]\n", n.mac));
+        }
+    }
+    yaml
 }
 
 pub fn copy_tree(from: &Path, to: &Path) {
