@@ -559,3 +559,90 @@ fn matchbox_refuses_plain_http_and_nodes_without_macs() {
     );
     assert!(!data.exists());
 }
+
+/// `ignition-snippets/cluster-agent.bu` is the Butane form of what `render
+/// ignition --node cp-1` emits for docs/example: same directories, same
+/// files with the same modes and bytes (`local:` read from the config dir),
+/// same units. Any drift between the two fails here.
+#[test]
+fn butane_snippet_installs_what_render_emits() {
+    let (_, dir) = valid_config_dirs().remove(0);
+    let bundle = cluster_agent::provision::Bundle::load(dir.path()).unwrap();
+    let rendered = bundle.ignition(bundle.node("cp-1").unwrap());
+
+    let path = repo().join("ignition-snippets/cluster-agent.bu");
+    let snippet: Value = serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(snippet["variant"], "flatcar");
+    // Butane's flatcar 1.1.0 is the variant that emits Ignition 3.4.0.
+    assert_eq!(snippet["version"], "1.1.0");
+
+    let mode = |v: &Value| v["mode"].as_u64().expect("an integer mode (write 0o...)") as u32;
+    let dirs: Vec<(String, u32)> = snippet["storage"]["directories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["path"].as_str().unwrap().to_string(), mode(d)))
+        .collect();
+    let rendered_dirs: Vec<(String, u32)> = rendered
+        .storage
+        .directories
+        .iter()
+        .map(|d| (d.path.clone(), d.mode))
+        .collect();
+    assert_eq!(dirs, rendered_dirs);
+
+    let files: Vec<(String, bool, u32, Vec<u8>)> = snippet["storage"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let contents = &f["contents"];
+            let bytes = match (contents["inline"].as_str(), contents["local"].as_str()) {
+                (Some(inline), None) => inline.as_bytes().to_vec(),
+                (None, Some(local)) => std::fs::read(dir.path().join(local)).unwrap(),
+                _ => panic!("{f}: contents must be inline or local"),
+            };
+            (
+                f["path"].as_str().unwrap().to_string(),
+                f["overwrite"].as_bool().unwrap_or(false),
+                mode(f),
+                bytes,
+            )
+        })
+        .collect();
+    let rendered_files: Vec<(String, bool, u32, Vec<u8>)> = rendered
+        .storage
+        .files
+        .iter()
+        .map(|f| {
+            (
+                f.path.clone(),
+                f.overwrite,
+                f.mode,
+                decode(&f.contents.source),
+            )
+        })
+        .collect();
+    assert_eq!(files, rendered_files);
+
+    let units: Vec<(String, Option<bool>, String)> = snippet["systemd"]["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            (
+                u["name"].as_str().unwrap().to_string(),
+                u["enabled"].as_bool(),
+                u["contents"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let rendered_units: Vec<(String, Option<bool>, String)> = rendered
+        .systemd
+        .units
+        .iter()
+        .map(|u| (u.name.clone(), u.enabled, u.contents.clone()))
+        .collect();
+    assert_eq!(units, rendered_units);
+}
