@@ -169,3 +169,25 @@ pub fn to_json(value: &impl Serialize) -> String {
     text.push('\n');
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_https_urls_with_a_host_are_accepted() {
+        for bad in ["http://m:8080", "m.example.net", "https://", "ftp://m", ""] {
+            assert!(
+                BootSource::new(bad, DEFAULT_KERNEL, DEFAULT_INITRD).is_err(),
+                "{bad}"
+            );
+        }
+        let ok = BootSource::new(
+            "https://m.example.net:8443/",
+            DEFAULT_KERNEL,
+            DEFAULT_INITRD,
+        )
+        .unwrap();
+        assert_eq!(ok.matchbox_url, "https://m.example.net:8443");
+    }
+}
