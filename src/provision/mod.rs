@@ -28,12 +28,21 @@ pub enum ProvisionError {
 }
 
 /// A config dir read once: its files as they are, the validated
-/// configuration, and the join secret.
-#[derive(Debug, Clone)]
+/// configuration, and the join secret (kept out of `Debug`).
+#[derive(Clone)]
 pub struct Bundle {
     pub sources: Sources,
     pub config: ClusterConfig,
     join_secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for Bundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bundle")
+            .field("config", &self.config.source_dir)
+            .field("join_secret", &"<redacted>")
+            .finish_non_exhaustive()
+    }
 }
 
 impl Bundle {
