@@ -65,6 +65,9 @@ pub enum Command {
     Reset(ResetArgs),
     /// Write a new cluster join secret (32 random bytes, mode 0600)
     GenJoinSecret(GenJoinSecretArgs),
+    /// Render provisioning data from the config dir: Ignition configs, Matchbox data
+    #[command(subcommand)]
+    Render(RenderCommand),
 }
 
 #[derive(Debug, Args)]
@@ -92,4 +95,41 @@ pub struct GenJoinSecretArgs {
     /// Replace an existing secret (nodes holding the old one can no longer join)
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RenderCommand {
+    /// Ignition config (spec 3.4.0) for the node named by --node, or for every node
+    Ignition(RenderIgnitionArgs),
+    /// Matchbox data dir: a profile per node, a group per MAC, the Ignition configs
+    Matchbox(RenderMatchboxArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RenderIgnitionArgs {
+    /// Render every node to <output-dir>/<node>.ign instead of one node
+    #[arg(long, requires = "output_dir", conflicts_with = "output")]
+    pub all_nodes: bool,
+    /// Where to write the one node's config (`-`: stdout); it holds the join secret
+    #[arg(long, default_value = "-")]
+    pub output: PathBuf,
+    /// Directory for --all-nodes (files are written with mode 0600)
+    #[arg(long, requires = "all_nodes")]
+    pub output_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RenderMatchboxArgs {
+    /// Matchbox data dir to write (groups/, profiles/, ignition/)
+    #[arg(long)]
+    pub output_dir: PathBuf,
+    /// Matchbox's https:// address as the machines reach it
+    #[arg(long)]
+    pub matchbox_url: String,
+    /// Flatcar PXE kernel (a Matchbox asset path or a URL)
+    #[arg(long, default_value = crate::provision::matchbox::DEFAULT_KERNEL)]
+    pub kernel: String,
+    /// Flatcar PXE initrd (a Matchbox asset path or a URL)
+    #[arg(long, default_value = crate::provision::matchbox::DEFAULT_INITRD)]
+    pub initrd: String,
 }

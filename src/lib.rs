@@ -9,6 +9,7 @@ pub mod notify;
 pub mod paths;
 pub mod phases;
 pub mod pki;
+pub mod provision;
 pub mod role;
 pub mod services;
 pub mod state;

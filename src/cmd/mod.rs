@@ -3,6 +3,7 @@
 
 mod gen_join_secret;
 mod plan;
+mod render;
 mod reset;
 mod run;
 mod status;
@@ -77,6 +78,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Status => status::status(global, &paths),
         Command::Reset(args) => reset::reset(global, &paths, args),
         Command::GenJoinSecret(args) => gen_join_secret::gen_join_secret(&paths, args),
+        Command::Render(command) => render::render(global, &paths, command),
     };
     match result {
         Ok(code) => code,

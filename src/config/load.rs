@@ -36,9 +36,18 @@ pub struct SourceFile {
     pub bytes: Vec<u8>,
 }
 
-/// Reads and validates `config_dir/cluster.yaml` and `config_dir/nodes/*.yaml`
-/// (`*.yml` too). Never writes anything.
-pub fn load(config_dir: &Path) -> Result<ClusterConfig, ConfigError> {
+/// The files a configuration is made of, as read from the config dir.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sources {
+    pub cluster_yaml: Vec<u8>,
+    /// `nodes/*.yaml`, sorted by name.
+    pub node_files: Vec<SourceFile>,
+}
+
+/// Reads `config_dir/cluster.yaml` and `config_dir/nodes/*.yaml` (`*.yml`
+/// too) without validating them: exactly the files [`load`] looks at, so
+/// whatever ships a configuration to a machine ships all of it.
+pub fn read_sources(config_dir: &Path) -> Result<Sources, ConfigError> {
     let read =
         |path: PathBuf| std::fs::read(&path).map_err(|source| ConfigError::Io { path, source });
     let cluster_yaml = read(config_dir.join(CLUSTER_FILE))?;
@@ -48,9 +57,21 @@ pub fn load(config_dir: &Path) -> Result<ClusterConfig, ConfigError> {
         let bytes = read(config_dir.join(&path))?;
         node_files.push(SourceFile { path, bytes });
     }
-    parse_sources(config_dir, &cluster_yaml, &node_files).map_err(|report| ConfigError::Invalid {
-        dir: config_dir.to_path_buf(),
-        report,
+    Ok(Sources {
+        cluster_yaml,
+        node_files,
+    })
+}
+
+/// Reads and validates `config_dir/cluster.yaml` and `config_dir/nodes/*.yaml`
+/// (`*.yml` too). Never writes anything.
+pub fn load(config_dir: &Path) -> Result<ClusterConfig, ConfigError> {
+    let sources = read_sources(config_dir)?;
+    parse_sources(config_dir, &sources.cluster_yaml, &sources.node_files).map_err(|report| {
+        ConfigError::Invalid {
+            dir: config_dir.to_path_buf(),
+            report,
+        }
     })
 }
 

@@ -20,7 +20,9 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 
 pub use diagnostics::{Diagnostic, Severity, ValidationReport};
-pub use load::{ConfigError, SourceFile, load, parse_cluster_yaml, parse_sources};
+pub use load::{
+    ConfigError, SourceFile, Sources, load, parse_cluster_yaml, parse_sources, read_sources,
+};
 
 /// File names inside the config directory.
 pub const CLUSTER_FILE: &str = "cluster.yaml";

@@ -28,6 +28,11 @@ pub fn peer_url(config: &ClusterConfig, node: &NodeSpec) -> String {
     format!("https://{}:{}", node.ip, config.cluster.etcd.peer_port)
 }
 
+/// `ETCD_INITIAL_CLUSTER` of a founder: itself alone.
+pub fn founding_initial_cluster(config: &ClusterConfig, node: &NodeSpec) -> String {
+    format!("{}={}", node.name, peer_url(config, node))
+}
+
 /// Client URLs of the other control-plane nodes, in the stable order.
 pub fn peer_client_urls(config: &ClusterConfig, me: &NodeSpec) -> Vec<String> {
     ordered_nodes(config, NodeRole::ControlPlane)

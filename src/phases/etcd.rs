@@ -33,6 +33,37 @@ const READY_WAIT: Duration = Duration::from_secs(120);
 /// taken as not running etcd.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// The unit `etcd-config` installs, as on a first boot: master-first founds,
+/// the others join with every control-plane node in `ETCD_INITIAL_CLUSTER`.
+pub fn rendered_units(
+    paths: &crate::paths::HostPaths,
+    config: &crate::config::ClusterConfig,
+    node: &crate::config::NodeSpec,
+    role: Role,
+) -> Vec<services::Unit> {
+    let (formation, initial_cluster) = match role {
+        Role::MasterFirst => (
+            Formation::New,
+            topology::founding_initial_cluster(config, node),
+        ),
+        Role::MasterAdditional => (
+            Formation::Join,
+            crate::role::ordered_nodes(config, crate::config::NodeRole::ControlPlane)
+                .into_iter()
+                .map(|n| format!("{}={}", n.name, topology::peer_url(config, n)))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        Role::Worker => return Vec::new(),
+    };
+    let record = EtcdRecord {
+        formation,
+        initial_cluster,
+        member_id: None,
+    };
+    vec![topology::render_unit(paths, config, node, &record)]
+}
+
 pub fn phase() -> Phase {
     Phase {
         name: PHASE,
@@ -157,7 +188,7 @@ impl Step for Discover {
             }
         };
         let initial_cluster = match formation {
-            Formation::New => format!("{}={}", ctx.node.name, my_peer_url(ctx)),
+            Formation::New => topology::founding_initial_cluster(&ctx.config, &ctx.node),
             // Known only once etcd has accepted the member.
             Formation::Join => String::new(),
         };

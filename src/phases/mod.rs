@@ -5,8 +5,11 @@ pub mod control_plane;
 pub mod etcd;
 pub mod node;
 
+use crate::config::{ClusterConfig, NodeSpec};
 use crate::engine::Plan;
+use crate::paths::HostPaths;
 use crate::role::{CephRole, Role};
+use crate::services::Unit;
 
 /// The plan for a node. Every node runs the `node` phase first; the
 /// Kubernetes and Ceph phases both require only it, so storage never waits
@@ -18,4 +21,14 @@ pub fn build(role: Role, _ceph_role: CephRole) -> Plan {
         phases.push(control_plane::phase());
     }
     Plan { phases }
+}
+
+/// Every unit file the phases install on `node`, rendered as on its first
+/// boot. `tests/systemd_units.rs` runs each through `systemd-analyze
+/// verify`, so a phase that renders a unit adds it here and is checked.
+pub fn rendered_units(paths: &HostPaths, config: &ClusterConfig, node: &NodeSpec) -> Vec<Unit> {
+    let role = crate::role::decide(config, node);
+    let mut units = Vec::new();
+    units.extend(etcd::rendered_units(paths, config, node, role));
+    units
 }

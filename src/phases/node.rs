@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::config::{ClusterConfig, NodeSpec};
 use crate::engine::{Context, Outcome, Phase, Step, StepError};
 use crate::fsutil::{self, PUBLIC_MODE};
 use crate::services;
@@ -29,10 +30,10 @@ pub fn phase() -> Phase {
     }
 }
 
-/// The `.network` file for this node, from cluster.yaml alone.
-pub fn render_network(ctx: &Context) -> String {
-    let net = &ctx.config.cluster.networking;
-    let node = &ctx.node;
+/// The `.network` file for this node, from cluster.yaml alone (Ignition
+/// ships the same bytes, so the first run finds it in place).
+pub fn render_network(config: &ClusterConfig, node: &NodeSpec) -> String {
+    let net = &config.cluster.networking;
     let mut out = String::from(
         "# Written by cluster-agent from cluster.yaml; edit the configuration, not this file.\n[Match]\n",
     );
@@ -78,12 +79,12 @@ impl Step for NetworkConfig {
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
         let current = read_file(&ctx.paths.host(NETWORK_FILE))?;
-        Ok(current.as_deref() == Some(render_network(ctx).as_bytes()))
+        Ok(current.as_deref() == Some(render_network(&ctx.config, &ctx.node).as_bytes()))
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         fsutil::write_atomic(
             &ctx.paths.host(NETWORK_FILE),
-            render_network(ctx).as_bytes(),
+            render_network(&ctx.config, &ctx.node).as_bytes(),
             PUBLIC_MODE,
         )?;
         Ok(Outcome::Done)
