@@ -262,14 +262,24 @@ impl Rig {
         assert!(out.status.success(), "mount overlay: {}", text(&out));
     }
 
-    fn cgroup(&self, node: &str) -> PathBuf {
-        let v1 = Path::new("/sys/fs/cgroup/systemd");
-        let hierarchy = if v1.is_dir() {
-            v1
+    /// The node's cgroup in every hierarchy systemd-nspawn consults: it
+    /// places the container below the cgroup it finds itself in on the
+    /// unified (v2) hierarchy, and mirrors that on v1's name=systemd one; a
+    /// process moved on one hierarchy only would share `/payload` with every
+    /// other container, and their systemds would manage each other's units.
+    fn cgroups(&self, node: &str) -> Vec<PathBuf> {
+        let name = format!("rig-{}", self.machine(node));
+        let hybrid = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd"]
+            .map(Path::new)
+            .into_iter()
+            .filter(|h| h.join("cgroup.procs").exists())
+            .map(|h| h.join(&name))
+            .collect::<Vec<_>>();
+        if hybrid.is_empty() {
+            vec![Path::new("/sys/fs/cgroup").join(name)]
         } else {
-            Path::new("/sys/fs/cgroup")
-        };
-        hierarchy.join(format!("rig-{}", self.machine(node)))
+            hybrid
+        }
     }
 
     /// Powers the node on: systemd boots, and with it
@@ -278,9 +288,14 @@ impl Rig {
     pub fn boot(&mut self, node: &str) {
         assert!(!self.running.contains_key(node), "{node} is already up");
         // One cgroup per container, or systemd-nspawn makes them share one.
-        let cgroup = self.cgroup(node);
-        fs::create_dir_all(&cgroup).unwrap();
-        let procs = cgroup.join("cgroup.procs");
+        let procs: Vec<PathBuf> = self
+            .cgroups(node)
+            .into_iter()
+            .map(|cgroup| {
+                fs::create_dir_all(&cgroup).unwrap();
+                cgroup.join("cgroup.procs")
+            })
+            .collect();
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -295,9 +310,9 @@ impl Rig {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        // SAFETY: only a write(2) to a cgroup file between fork and exec.
+        // SAFETY: only write(2)s to cgroup files between fork and exec.
         unsafe {
-            cmd.pre_exec(move || fs::write(&procs, b"0"));
+            cmd.pre_exec(move || procs.iter().try_for_each(|p| fs::write(p, b"0")));
         }
         let child = cmd.spawn().expect("start systemd-nspawn");
         self.running.insert(node.to_string(), child);
@@ -371,14 +386,26 @@ impl Rig {
     /// Pulls the plug: SIGKILL to the container's PID 1 ends every process
     /// in it at once, without a shutdown.
     pub fn power_off(&mut self, node: &str) {
-        if let Some(leader) = self.leader(node) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(leader as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        // Everything the container ever started is in its cgroup tree (its
+        // systemd makes sub-cgroups below the one it was started in), so
+        // that is what is killed: the container's PID 1 alone could be
+        // missed while systemd-nspawn is still between its forks.
+        let cgroups = self.cgroups(node);
+        let emptied = poll(Duration::from_secs(10), || {
+            let pids: Vec<i32> = cgroups.iter().flat_map(|c| cgroup_pids(c)).collect();
+            for pid in &pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            pids.is_empty().then_some(())
+        });
+        if emptied.is_none() {
+            // Not a panic: this also runs in Drop, while a test unwinds.
+            eprintln!("rig: {node}: processes survived SIGKILL for 10 s");
         }
         if let Some(mut child) = self.running.remove(node) {
-            let _ = child.kill();
             let _ = child.wait();
         }
         // The link goes with the container's network namespace once its
@@ -421,12 +448,40 @@ impl Drop for Rig {
             if self.mounted(&node) {
                 let _ = Command::new("umount").arg(self.root(&node)).output();
             }
-            let _ = fs::remove_dir(self.cgroup(&node));
+            for cgroup in self.cgroups(&node) {
+                remove_cgroup(&cgroup);
+            }
         }
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge()])
             .output();
     }
+}
+
+/// Every process in the cgroup `dir` and below.
+fn cgroup_pids(dir: &Path) -> Vec<i32> {
+    let mut pids: Vec<i32> = fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            pids.extend(cgroup_pids(&entry.path()));
+        }
+    }
+    pids
+}
+
+/// Removes an emptied cgroup tree, children first (cgroupfs refuses
+/// anything else).
+fn remove_cgroup(dir: &Path) {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup(&entry.path());
+        }
+    }
+    let _ = fs::remove_dir(dir);
 }
 
 fn ip(args: &[&str]) {
