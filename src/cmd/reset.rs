@@ -201,16 +201,21 @@ async fn leave_etcd(
     let deadline = tokio::time::Instant::now() + SURVEY_BUDGET;
     let found = survey::survey(endpoints, &topology::agent_tls(paths), deadline).await;
     let peer_url = topology::peer_url(&config, node);
-    decide_leave(&found, &node.name, &peer_url, force).or_else(refuse)
+    match decide_leave(&found, &node.name, &peer_url) {
+        Err(why) => refuse(why),
+        Ok((actions, Some(risk))) => refuse(risk).map(|_| actions),
+        Ok((actions, None)) => Ok(actions),
+    }
 }
 
-/// The etcd part of the plan, from what the cluster answered.
+/// The etcd part of the plan, from what the cluster answered, and the risk
+/// it carries (which only `--force` accepts). An error: nothing can be done
+/// through etcd at all.
 fn decide_leave(
     found: &Survey,
     name: &str,
     peer_url: &str,
-    force: bool,
-) -> Result<Vec<Action>, String> {
+) -> Result<(Vec<Action>, Option<String>), String> {
     let Some(members) = &found.members else {
         let errors: Vec<String> = found
             .endpoints
@@ -229,25 +234,19 @@ fn decide_leave(
         .find(|m| m.peer_urls.iter().any(|u| u == peer_url))
     else {
         // Not (or no longer) a member: nothing to leave.
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     };
-    if let Some(why) = survey::removal_risk(members, &found.healthy_ids(), mine.id)
-        && !force
-    {
-        return Err(why);
-    }
-    match found.healthy_voter_url(Some(mine.id)) {
-        Some(via) => Ok(vec![Action::LeaveEtcd {
+    let risk = survey::removal_risk(members, &found.healthy_ids(), mine.id);
+    let actions = match found.healthy_voter_url(Some(mine.id)) {
+        Some(via) => vec![Action::LeaveEtcd {
             member: mine.id,
             name: name.to_string(),
             via,
-        }]),
-        None if force => Ok(Vec::new()),
-        None => Err(format!(
-            "no other healthy voting member can remove member {}",
-            member_id_hex(mine.id)
-        )),
-    }
+        }],
+        // The only voter: there is no cluster left to leave.
+        None => Vec::new(),
+    };
+    Ok((actions, risk))
 }
 
 /// Units nothing else installed depends on are stopped first, so etcd goes
@@ -399,4 +398,116 @@ fn confirm(actions: &[Action]) -> Result<bool, CliError> {
         .read_line(&mut answer)
         .map_err(|e| CliError::Failed(format!("cannot read answer: {e}")))?;
     Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::etcd::survey::EndpointReport;
+    use crate::etcd::{EndpointStatus, Member};
+
+    fn survey_of(healthy: &[bool]) -> Survey {
+        let endpoints = healthy
+            .iter()
+            .enumerate()
+            .map(|(i, ok)| EndpointReport {
+                node: format!("cp-{}", i + 1),
+                url: format!("https://10.0.0.{}:2379", i + 1),
+                status: ok.then(|| EndpointStatus {
+                    member_id: i as u64 + 1,
+                    leader: 1,
+                    is_learner: false,
+                    version: "3.4.23".into(),
+                    db_size: 0,
+                    raft_term: 2,
+                    raft_index: 7,
+                }),
+                healthy: *ok,
+                error: None,
+            })
+            .collect();
+        let members = (1..=healthy.len() as u64)
+            .map(|id| Member {
+                id,
+                name: format!("cp-{id}"),
+                peer_urls: vec![format!("https://10.0.0.{id}:2380")],
+                client_urls: vec![],
+                is_learner: false,
+            })
+            .collect();
+        Survey {
+            endpoints,
+            members: Some(members),
+        }
+    }
+
+    #[test]
+    fn leaving_goes_through_another_healthy_voter_and_names_the_risk() {
+        let (actions, risk) = decide_leave(
+            &survey_of(&[true, true, true]),
+            "cp-3",
+            "https://10.0.0.3:2380",
+        )
+        .unwrap();
+        assert_eq!(risk, None);
+        assert_eq!(
+            actions,
+            [Action::LeaveEtcd {
+                member: 3,
+                name: "cp-3".into(),
+                via: "https://10.0.0.1:2379".into()
+            }]
+        );
+        let (_, risk) = decide_leave(
+            &survey_of(&[true, false, true]),
+            "cp-3",
+            "https://10.0.0.3:2380",
+        )
+        .unwrap();
+        assert!(risk.is_some());
+        // Not a member (any more): nothing to do, nothing at risk.
+        let (actions, risk) =
+            decide_leave(&survey_of(&[true, true]), "cp-3", "https://10.0.0.3:2380").unwrap();
+        assert!(actions.is_empty() && risk.is_none());
+        // The only voter: no peer to go through, and the risk is named.
+        let (actions, risk) =
+            decide_leave(&survey_of(&[true]), "cp-1", "https://10.0.0.1:2380").unwrap();
+        assert!(actions.is_empty() && risk.unwrap().contains("only voting member"));
+        let mut silent = survey_of(&[false, false]);
+        silent.members = None;
+        assert!(decide_leave(&silent, "cp-1", "https://10.0.0.1:2380").is_err());
+    }
+
+    #[test]
+    fn units_are_stopped_before_what_they_need() {
+        let unit = |name: &str, after: &[&str]| Unit {
+            name: name.into(),
+            after: after.iter().map(|s| s.to_string()).collect(),
+            ..Unit::default()
+        };
+        let units = [
+            unit("etcd.service", &["network-online.target"]),
+            unit("kube-apiserver.service", &["etcd.service"]),
+            unit("kubelet.service", &["kube-apiserver.service"]),
+        ];
+        assert_eq!(
+            stop_order(&units),
+            ["kubelet.service", "kube-apiserver.service", "etcd.service"]
+        );
+    }
+
+    #[test]
+    fn nothing_outside_the_root_or_in_the_config_dir_is_removed() {
+        let paths = HostPaths::new(Path::new("/tmp/n1"), None, None);
+        assert!(guard(&paths, &[Action::Remove("/tmp/n1/var/lib/etcd".into())]).is_ok());
+        for bad in [
+            "/tmp/n1/etc/cluster-config/secrets/join-secret",
+            "/etc/passwd",
+        ] {
+            assert!(
+                guard(&paths, &[Action::Remove(bad.into())]).is_err(),
+                "{bad}"
+            );
+        }
+    }
 }

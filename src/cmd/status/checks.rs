@@ -238,7 +238,7 @@ fn judge_etcd(found: &Survey, me: &str) -> Section {
             match endpoint_of(m) {
                 Some(e) => format!(
                     "unhealthy: {}",
-                    e.error.as_deref().unwrap_or("no linearizable read")
+                    brief(e.error.as_deref().unwrap_or("no linearizable read"))
                 ),
                 None => "unknown (not a configured control-plane node)".into(),
             }
@@ -254,7 +254,7 @@ fn judge_etcd(found: &Survey, me: &str) -> Section {
             .iter()
             .any(|m| endpoint_of(m).is_some_and(|x| x.node == e.node))
     }) {
-        let why = e.error.as_deref().unwrap_or("not a member");
+        let why = brief(e.error.as_deref().unwrap_or("not a member"));
         section
             .lines
             .push(format!("{:<12} {} — {why}", e.node, e.url));
@@ -302,6 +302,25 @@ fn judge_etcd(found: &Survey, me: &str) -> Section {
         "endpoints": found.endpoints,
     });
     section
+}
+
+/// The gist of a transport error for the human view (gRPC wraps the root
+/// cause in several layers of debug output); JSON keeps the whole chain.
+fn brief(error: &str) -> &str {
+    const GISTS: [(&str, &str); 5] = [
+        (
+            "Connection refused",
+            "connection refused (etcd is not running there)",
+        ),
+        ("No route to host", "no route to host"),
+        ("Network is unreachable", "network unreachable"),
+        ("deadline", "timed out"),
+        ("timed out", "timed out"),
+    ];
+    GISTS
+        .iter()
+        .find(|(needle, _)| error.contains(needle))
+        .map_or(error, |(_, gist)| gist)
 }
 
 /// Nodes as the API server sees them, only where an admin kubeconfig
