@@ -291,9 +291,120 @@ fn fresh_node_status_and_reset() {
     assert!(status.get("config_error").is_none(), "{status:#}");
     assert_eq!(check(&status, "etcd")["health"], "not-configured");
     assert_eq!(check(&status, "services")["health"], "not-configured");
+
+    // A Kubernetes API and a Ceph cluster that do not answer (TEST-NET-2 is
+    // never routed): both checks fail, and status still answers at once.
+    let kube = c.root("w-1").join("etc/kubernetes");
+    std::fs::create_dir_all(&kube).unwrap();
+    std::fs::write(
+        kube.join("admin.conf"),
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://198.51.100.1:6443\n    insecure-skip-tls-verify: true\nusers:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n",
+    )
+    .unwrap();
+    let ceph = c.root("w-1").join("etc/ceph");
+    std::fs::create_dir_all(&ceph).unwrap();
+    std::fs::write(
+        ceph.join("ceph.conf"),
+        "[global]\nmon_host = 198.51.100.1\n",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let (code, status) = status_json(&c, "w-1");
+    let took = started.elapsed();
+    eprintln!("status with an unreachable API server and Ceph took {took:?}");
+    assert_eq!(code, Some(4), "{status:#}");
+    assert_eq!(
+        check(&status, "kubernetes")["health"],
+        "failed",
+        "{status:#}"
+    );
+    assert_eq!(check(&status, "ceph")["health"], "failed", "{status:#}");
+    assert!(took < Duration::from_secs(5), "status took {took:?}");
+    std::fs::remove_dir_all(&kube).unwrap();
+    std::fs::remove_dir_all(&ceph).unwrap();
+
     let before = tree(&c.root("w-1"));
     let dry = reset(&c, "w-1", &["--dry-run"]);
     assert!(dry.status.success(), "{}", text(&dry));
     assert!(dry.stdout.is_empty(), "{}", text(&dry));
     assert_eq!(tree(&c.root("w-1")), before);
+}
+
+/// With the systemd backend: `status` reads the unit's state over D-Bus and
+/// `reset` stops it there, then removes its files. A real dbus-daemon, with
+/// the systemd1 double from tests/support.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_reset_drive_systemd_over_the_bus() {
+    use cluster_agent::paths::HostPaths;
+    use cluster_agent::services::{self, ServiceManager, SystemdManager};
+
+    let dir = tempfile::tempdir().unwrap();
+    let paths = HostPaths::new(dir.path(), None, None);
+    let socket = paths.host("/run/dbus/system_bus_socket");
+    let Some(bus) = support::dbus::PrivateBus::start(dir.path(), &socket) else {
+        eprintln!("dbus-daemon not installed; skipping");
+        return;
+    };
+    let (_double, recorded) = support::systemd1_double::serve(&bus.address).await;
+    let env_file = paths.host("/etc/demo/demo.env");
+    let unit = services::Unit {
+        name: "demo.service".into(),
+        description: "demo".into(),
+        service: services::ServiceSection {
+            exec_start: vec!["/bin/sleep".into(), "1000".into()],
+            environment_file: Some(services::EnvironmentFile {
+                path: env_file.clone(),
+                optional: false,
+                vars: [("A".to_string(), "b".to_string())].into(),
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    services::install_unit(&paths, &unit).unwrap();
+    let conn = zbus::connection::Builder::address(bus.address.as_str())
+        .build()
+        .await
+        .unwrap();
+    let manager = SystemdManager::with_connection(conn, paths.clone())
+        .await
+        .unwrap();
+    manager.start("demo.service").await.unwrap();
+
+    let agent = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(support::AGENT);
+        cmd.arg("--root")
+            .arg(dir.path())
+            .args(["--services", "systemd"])
+            .args(args)
+            .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        cmd.output()
+    };
+    let out = agent(&["--json", "status"]).await.unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let svc = check(&status, "services");
+    assert_eq!(svc["health"], "ok", "{status:#}");
+    assert_eq!(svc["data"]["backend"], "systemd");
+    assert_eq!(svc["data"]["units"][0]["unit"], "demo.service");
+    assert_eq!(svc["data"]["units"][0]["active_state"], "active");
+
+    let out = agent(&["reset", "--yes"]).await.unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let calls = recorded.lock().unwrap().calls.clone();
+    assert!(
+        calls.contains(&"StopUnit demo.service".to_string()),
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls.last().map(String::as_str),
+        Some("Reload"),
+        "{calls:?}"
+    );
+    assert!(!services::unit_path(&paths, "demo.service").exists());
+    assert!(!env_file.exists());
+    let out = agent(&["--json", "status"]).await.unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(check(&status, "services")["health"], "not-configured");
 }
