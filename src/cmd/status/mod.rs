@@ -159,7 +159,7 @@ pub async fn gather(global: &GlobalArgs, paths: &HostPaths) -> Result<Report, Cl
     };
     let checks = checks::run_all(&probe, CHECK_BUDGET).await;
 
-    let (health, problems) = judge(journal.as_ref(), &checks);
+    let (health, problems) = judge(journal.as_ref(), config_error.as_deref(), &checks);
     let steps = journal
         .as_ref()
         .map(|j| j.steps.iter().map(step_view).collect())
@@ -197,9 +197,20 @@ pub async fn gather(global: &GlobalArgs, paths: &HostPaths) -> Result<Report, Cl
     })
 }
 
-/// A failed step wins; then an incomplete journal (checks of things not set
-/// up yet are expected to fail); then the live checks.
-fn judge(journal: Option<&Journal>, checks: &[Section]) -> (Overall, Vec<String>) {
+/// A failed step or a configuration `run` cannot use wins; then an
+/// incomplete journal (checks of things not set up yet are expected to
+/// fail); then the live checks.
+fn judge(
+    journal: Option<&Journal>,
+    config_error: Option<&str>,
+    checks: &[Section],
+) -> (Overall, Vec<String>) {
+    if let Some(e) = config_error {
+        return (
+            Overall::Failed,
+            vec![format!("`run` cannot use the configuration: {e}")],
+        );
+    }
     let Some(journal) = journal else {
         return (
             Overall::Progressing,
@@ -353,26 +364,27 @@ mod tests {
 
     #[test]
     fn failed_step_beats_progress_and_progress_beats_checks() {
-        assert_eq!(judge(None, &[]).0, Overall::Progressing);
+        assert_eq!(judge(None, None, &[]).0, Overall::Progressing);
         let mut j = Journal::new("cp-1", "master-first");
         j.align_with_plan([("node", "a"), ("node", "b")]);
         let down = [section(Health::Failed)];
-        assert_eq!(judge(Some(&j), &down).0, Overall::Progressing);
+        assert_eq!(judge(Some(&j), None, &down).0, Overall::Progressing);
         j.step_mut("a").unwrap().status = StepStatus::Failed;
-        assert_eq!(judge(Some(&j), &[]).0, Overall::Failed);
+        assert_eq!(judge(Some(&j), None, &[]).0, Overall::Failed);
         j.step_mut("a").unwrap().status = StepStatus::Done;
         j.step_mut("b").unwrap().status = StepStatus::Skipped;
         assert_eq!(
-            judge(Some(&j), &[section(Health::Warning)]).0,
+            judge(Some(&j), None, &[section(Health::Warning)]).0,
             Overall::Healthy
         );
-        let (health, problems) = judge(Some(&j), &down);
+        let (health, problems) = judge(Some(&j), None, &down);
         assert_eq!(health, Overall::Failed);
         assert_eq!(problems, ["etcd: x"]);
         assert_eq!(
-            judge(Some(&j), &[section(Health::NotConfigured)]).0,
+            judge(Some(&j), None, &[section(Health::NotConfigured)]).0,
             Overall::Healthy
         );
+        assert_eq!(judge(Some(&j), Some("bad"), &[]).0, Overall::Failed);
     }
 
     #[test]
