@@ -219,6 +219,15 @@ fn status_and_reset_on_a_three_member_cluster() {
     );
     let (code, after) = status_json(&c, "cp-3");
     assert_eq!(code, Some(4), "a reset node is progressing: {after:#}");
+    // Resetting again finds nothing left to do.
+    let again = reset(&c, "cp-3", &["--yes"]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        !String::from_utf8_lossy(&again.stdout).contains("done: "),
+        "{}",
+        text(&again)
+    );
+    assert_eq!(member_names(&c, "cp-1"), ["cp-1", "cp-2"]);
 
     // The next run rejoins as a new member: three members, no duplicate.
     run_ok(&c, "cp-3");
