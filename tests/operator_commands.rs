@@ -335,8 +335,46 @@ fn fresh_node_status_and_reset() {
     let before = tree(&c.root("w-1"));
     let dry = reset(&c, "w-1", &["--dry-run"]);
     assert!(dry.status.success(), "{}", text(&dry));
-    assert!(dry.stdout.is_empty(), "{}", text(&dry));
+    assert_eq!(String::from_utf8_lossy(&dry.stdout), "nothing to reset\n");
     assert_eq!(tree(&c.root("w-1")), before);
+
+    // On a terminal, reset lists its plan and asks; only "y" proceeds.
+    run_ok(&c, "w-1");
+    let before = tree(&c.root("w-1"));
+    let on_tty = |answer: &str| {
+        let cmd = format!(
+            "{} --root {} --node w-1 --services process reset",
+            support::AGENT,
+            c.root("w-1").display()
+        );
+        let mut child = std::process::Command::new("script")
+            .args(["-q", "-e", "-c", &cmd, "/dev/null"])
+            .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("script (util-linux) gives reset a terminal");
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{answer}\n").as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let declined = on_tty("n");
+    assert_eq!(declined.status.code(), Some(2), "{}", text(&declined));
+    let asked = String::from_utf8_lossy(&declined.stdout);
+    assert!(
+        asked.contains("will remove") && asked.contains("Proceed? [y/N]"),
+        "{asked}"
+    );
+    assert_eq!(tree(&c.root("w-1")), before, "declined: nothing changed");
+    let accepted = on_tty("y");
+    assert!(accepted.status.success(), "{}", text(&accepted));
+    assert!(!c.state_dir("w-1").join("journal.json").exists());
 }
 
 /// With the systemd backend: `status` reads the unit's state over D-Bus and

@@ -67,7 +67,11 @@ pub async fn reset(
     args: &ResetArgs,
 ) -> Result<i32, CliError> {
     if args.dry_run {
-        for action in plan(global, paths, args.force).await? {
+        let actions = plan(global, paths, args.force).await?;
+        if actions.is_empty() {
+            println!("nothing to reset");
+        }
+        for action in actions {
             println!("would {action}");
         }
         return Ok(EXIT_OK);
@@ -82,6 +86,10 @@ pub async fn reset(
     let store = StateStore::new(paths.state_dir());
     let _lock = store.lock()?;
     let actions = plan(global, paths, args.force).await?;
+    if actions.is_empty() {
+        println!("nothing to reset");
+        return Ok(EXIT_OK);
+    }
     if !args.yes && !confirm(&actions)? {
         return Err(CliError::Usage(
             "reset not confirmed; nothing was changed".into(),
