@@ -455,3 +455,40 @@ async fn status_and_reset_drive_systemd_over_the_bus() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(check(&status, "services")["health"], "not-configured");
 }
+
+/// While `run` waits (a joiner with no cluster to join), `status` works
+/// without the lock, says what the running step waits for, and exits 4.
+#[test]
+fn status_shows_what_a_running_step_waits_for() {
+    let c = Cluster::new(&MASTERS[..2]);
+    c.share_ca();
+    let mut joiner = spawn_run(&c, "cp-2", None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let (code, status) = status_json(&c, "cp-2");
+        if status["now"]
+            .as_str()
+            .is_some_and(|n| n.contains("waits for a healthy etcd cluster"))
+        {
+            assert_eq!(code, Some(4), "{status:#}");
+            break status;
+        }
+        assert!(Instant::now() < deadline, "never seen waiting: {status:#}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    joiner.kill().unwrap();
+    joiner.wait().unwrap();
+    assert_eq!(status["health"], "progressing");
+    let step = status["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "etcd-member-add")
+        .unwrap();
+    assert_eq!(step["status"], "running", "{step:#}");
+    assert_eq!(step["attempts"], 1, "{step:#}");
+    assert!(
+        step["waiting_for"].as_str().unwrap().contains("2379"),
+        "{step:#}"
+    );
+}
