@@ -492,3 +492,36 @@ fn status_shows_what_a_running_step_waits_for() {
         "{step:#}"
     );
 }
+
+/// `--watch` clears the screen and redraws at the interval until Ctrl-C,
+/// then exits with the last status's code.
+#[test]
+fn watch_redraws_until_ctrl_c() {
+    let c = Cluster::new(&[("cp-1", &["control-plane"]), ("w-1", &["worker"])]);
+    let out = c.dir.path().join("watch.out");
+    let mut child = c
+        .agent("w-1")
+        .args(["status", "--watch", "--interval", "0.1"])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .matches("health: progressing")
+        .count()
+        < 3
+    {
+        assert!(Instant::now() < deadline, "no redraws");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(4));
+    let screen = std::fs::read_to_string(&out).unwrap();
+    assert!(screen.starts_with("\x1b[2J\x1b[H"), "{screen}");
+}

@@ -82,6 +82,10 @@ pub async fn status(
         return Ok(report.exit_code);
     }
     let interval = Duration::from_secs_f64(args.interval);
+    // One listener for the whole loop: a Ctrl-C that arrives while a report
+    // is being gathered stays pending and ends the loop right after it.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| CliError::Failed(format!("cannot watch for Ctrl-C: {e}")))?;
     loop {
         let report = gather(global, paths).await?;
         if !global.json {
@@ -91,7 +95,7 @@ pub async fn status(
         show(global, &report);
         let _ = std::io::stdout().flush();
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(report.exit_code),
+            _ = interrupt.recv() => return Ok(report.exit_code),
             () = tokio::time::sleep(interval) => {}
         }
     }
