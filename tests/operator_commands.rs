@@ -287,6 +287,18 @@ fn status_and_reset_on_a_three_member_cluster() {
         took < Duration::from_secs(5),
         "status took {took:?} with every peer down"
     );
+
+    // No peer can remove cp-1's member: refused, unless forced.
+    let refused = reset(&c, "cp-1", &["--yes"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("no healthy etcd voter answered"), "{why}");
+    assert!(c.root("cp-1").join("var/lib/etcd/member").exists());
+    let forced = reset(&c, "cp-1", &["--yes", "--force"]);
+    assert!(forced.status.success(), "{}", text(&forced));
+    let warned = String::from_utf8_lossy(&forced.stderr);
+    assert!(warned.contains("going ahead (--force)"), "{warned}");
+    assert!(!c.root("cp-1").join("var/lib/etcd").exists());
 }
 
 /// A node that never ran: progressing (4), and reset has nothing to do.
