@@ -173,9 +173,7 @@ async fn leave_etcd(
     paths: &HostPaths,
     force: bool,
 ) -> Result<Vec<Action>, CliError> {
-    let has_etcd = topology::has_local_member(paths)
-        || services::unit_path(paths, topology::UNIT_NAME).exists();
-    if !has_etcd {
+    if !has_member(paths) {
         return Ok(Vec::new());
     }
     let refuse = |why: String| -> Result<Vec<Action>, CliError> {
@@ -214,6 +212,20 @@ async fn leave_etcd(
         Ok((actions, Some(risk))) => refuse(risk).map(|_| actions),
         Ok((actions, None)) => Ok(actions),
     }
+}
+
+/// Whether this node may be an etcd member: its data dir holds a WAL, or
+/// its record names a member id (a learner added just before a crash is
+/// known only there). A record that does not parse counts as a member.
+fn has_member(paths: &HostPaths) -> bool {
+    let record = paths.state_file(crate::phases::etcd::RECORD_FILE);
+    topology::has_local_member(paths)
+        || match crate::fsutil::read_optional(&record) {
+            Ok(Some(bytes)) => serde_json::from_slice::<topology::EtcdRecord>(&bytes)
+                .map_or(true, |r| r.member_id.is_some()),
+            Ok(None) => false,
+            Err(_) => true,
+        }
 }
 
 /// The etcd part of the plan, from what the cluster answered, and the risk
@@ -484,6 +496,28 @@ mod tests {
         let mut silent = survey_of(&[false, false]);
         silent.members = None;
         assert!(decide_leave(&silent, "cp-1", "https://10.0.0.1:2380").is_err());
+    }
+
+    #[test]
+    fn a_member_is_known_by_its_wal_or_its_recorded_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = HostPaths::new(dir.path(), None, None);
+        assert!(!has_member(&paths));
+        let record = paths.state_file(crate::phases::etcd::RECORD_FILE);
+        std::fs::create_dir_all(record.parent().unwrap()).unwrap();
+        std::fs::write(&record, r#"{"formation": "new", "initial_cluster": "a=b"}"#).unwrap();
+        assert!(!has_member(&paths), "decided, but no member yet");
+        std::fs::write(
+            &record,
+            r#"{"formation": "join", "initial_cluster": "", "member_id": "2a"}"#,
+        )
+        .unwrap();
+        assert!(has_member(&paths));
+        std::fs::write(&record, "garbage").unwrap();
+        assert!(has_member(&paths), "unreadable: assume a member");
+        std::fs::remove_file(&record).unwrap();
+        std::fs::create_dir_all(topology::data_dir(&paths).join("member/wal")).unwrap();
+        assert!(has_member(&paths));
     }
 
     #[test]
