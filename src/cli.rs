@@ -59,9 +59,11 @@ pub enum Command {
     Plan(PlanArgs),
     /// Check the configuration and report every problem at once
     Validate,
-    /// Show this node's bootstrap progress
-    Status,
-    /// Forget this node's bootstrap state so the next `run` starts clean
+    /// Show this node's bootstrap progress and the live state of what it runs
+    /// (exit 0 healthy, 1 failed, 4 still in progress)
+    Status(StatusArgs),
+    /// Undo this node's bootstrap: leave etcd, stop the agent's units, delete
+    /// what the agent created, so the next `run` starts clean
     Reset(ResetArgs),
     /// Write a new cluster join secret (32 random bytes, mode 0600)
     GenJoinSecret(GenJoinSecretArgs),
@@ -78,13 +80,34 @@ pub struct PlanArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Redraw in place every --interval seconds until Ctrl-C
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between two refreshes with --watch
+    #[arg(long, default_value_t = 2.0, value_parser = parse_interval)]
+    pub interval: f64,
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err("expected seconds between 0.1 and 3600".into()),
+    }
+}
+
+#[derive(Debug, Args)]
 pub struct ResetArgs {
     /// Do it without asking
     #[arg(long)]
     pub yes: bool,
-    /// List what would be removed and change nothing
+    /// List every action and change nothing
     #[arg(long)]
     pub dry_run: bool,
+    /// Go ahead even when leaving etcd would cost the cluster its quorum or
+    /// its last fault tolerance, or no peer can be reached to leave it
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

@@ -5,9 +5,11 @@
 mod support;
 
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
+use support::etcd::{
+    assert_converged, etcdctl, finish, formation, members, node_ip, run_ok, spawn_run,
+};
 use support::{Cluster, text};
 
 const MASTERS: &[(&str, &[&str])] = &[
@@ -23,112 +25,6 @@ fn masters() -> Cluster {
     c
 }
 
-fn node_ip(c: &Cluster, node: &str) -> String {
-    c.nodes.iter().find(|n| n.name == node).unwrap().ip.clone()
-}
-
-/// etcdctl as `node`'s healthcheck client, against `node`'s etcd.
-fn etcdctl(c: &Cluster, node: &str, args: &[&str]) -> Output {
-    let pki = c.root(node).join("etc/kubernetes/pki/etcd");
-    c.command_on(node, "etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints=https://{}:2379", node_ip(c, node)))
-        .arg(format!("--cacert={}", pki.join("ca.crt").display()))
-        .arg(format!(
-            "--cert={}",
-            pki.join("healthcheck-client.crt").display()
-        ))
-        .arg(format!(
-            "--key={}",
-            pki.join("healthcheck-client.key").display()
-        ))
-        .arg("--command-timeout=5s")
-        .args(args)
-        .output()
-        .expect("etcdctl is installed (apt-get install etcd-client)")
-}
-
-#[derive(Debug)]
-struct EtcdMember {
-    id: String,
-    name: String,
-    started: bool,
-    learner: bool,
-}
-
-fn members(c: &Cluster, via: &str) -> Vec<EtcdMember> {
-    let out = etcdctl(c, via, &["member", "list", "-w", "json"]);
-    assert!(out.status.success(), "member list: {}", text(&out));
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    json["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| EtcdMember {
-            // etcdctl prints ids as decimal; the agent records hex.
-            id: format!("{:x}", m["ID"].as_u64().unwrap()),
-            name: m["name"].as_str().unwrap_or_default().to_string(),
-            started: m["clientURLs"].as_array().is_some_and(|u| !u.is_empty()),
-            learner: m["isLearner"].as_bool().unwrap_or(false),
-        })
-        .collect()
-}
-
-fn spawn_run(c: &Cluster, node: &str, crash_at: Option<&str>) -> Child {
-    let mut cmd = c.agent(node);
-    cmd.arg("run");
-    if let Some(at) = crash_at {
-        cmd.env("CLUSTER_AGENT_CRASH_AT", at);
-    }
-    cmd.stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn run_ok(c: &Cluster, node: &str) {
-    let out = c.run(node, &["run"]);
-    assert!(out.status.success(), "{node}: {}", text(&out));
-}
-
-/// One cluster: exactly the given nodes as started voting members, each
-/// node's recorded member id among them, every etcd step done.
-fn assert_converged(c: &Cluster, nodes: &[&str]) {
-    for via in nodes {
-        let health = etcdctl(c, via, &["endpoint", "health"]);
-        assert!(health.status.success(), "{via} health: {}", text(&health));
-    }
-    let list = members(c, nodes[0]);
-    let mut names: Vec<&str> = list.iter().map(|m| m.name.as_str()).collect();
-    names.sort();
-    assert_eq!(names, nodes, "members: {list:?}");
-    assert!(list.iter().all(|m| m.started && !m.learner), "{list:?}");
-    for node in nodes {
-        assert_eq!(
-            members(c, node).len(),
-            nodes.len(),
-            "one cluster, seen from {node}"
-        );
-        let recorded = std::fs::read_to_string(c.state_dir(node).join("etcd-member-id")).unwrap();
-        let mine = list.iter().find(|m| m.name == *node).unwrap();
-        assert_eq!(recorded.trim(), mine.id, "{node}'s recorded member id");
-        let journal = c.journal(node);
-        for step in journal["steps"].as_array().unwrap() {
-            if step["name"] == "control-plane-binaries" {
-                // No Kubernetes here: skipped with a clear note, etcd kept.
-                assert_eq!(step["status"], "skipped", "{node}: {step}");
-                let note = step["note"].as_str().unwrap();
-                assert!(
-                    note.contains("kube-apiserver") && note.contains("etcd is formed"),
-                    "{note}"
-                );
-            } else {
-                assert_eq!(step["status"], "done", "{node}: {step}");
-            }
-        }
-    }
-}
-
 /// Waits (polling) until `node`'s agent has started executing steps, so the
 /// next node really starts after it.
 fn wait_started(c: &Cluster, node: &str) {
@@ -138,11 +34,6 @@ fn wait_started(c: &Cluster, node: &str) {
         assert!(Instant::now() < deadline, "{node} never started");
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-fn finish(node: &str, child: Child) {
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{node}: {}", text(&out));
 }
 
 #[test]
@@ -403,12 +294,9 @@ fn reimaged_master_first_rejoins_the_existing_cluster() {
     std::fs::rename(&keep, c.config_dir("cp-1")).unwrap();
 
     run_ok(&c, "cp-1");
-    let record: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(c.state_dir("cp-1").join("etcd-bootstrap.json")).unwrap(),
-    )
-    .unwrap();
     assert_eq!(
-        record["formation"], "join",
+        formation(&c, "cp-1"),
+        "join",
         "must not found a second cluster"
     );
     assert_converged(&c, &["cp-1", "cp-2", "cp-3"]);

@@ -63,6 +63,22 @@ pub fn host_paths(global: &GlobalArgs) -> HostPaths {
     )
 }
 
+/// `auto` picks systemd exactly when systemd is PID 1 under the root (the
+/// check `sd_booted()` makes), so a temp-root run never drives the host's.
+pub(crate) fn services_backend(
+    choice: crate::cli::ServicesArg,
+    paths: &HostPaths,
+) -> crate::services::Backend {
+    use crate::cli::ServicesArg;
+    use crate::services::Backend;
+    match choice {
+        ServicesArg::Systemd => Backend::Systemd,
+        ServicesArg::Process => Backend::Process,
+        ServicesArg::Auto if paths.host("/run/systemd/system").is_dir() => Backend::Systemd,
+        ServicesArg::Auto => Backend::Process,
+    }
+}
+
 pub fn load_config(paths: &HostPaths) -> Result<ClusterConfig, CliError> {
     Ok(config::load(paths.config_dir())?)
 }
@@ -75,8 +91,8 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Run => run::run(global, &paths).await,
         Command::Plan(args) => plan::plan(global, &paths, args),
         Command::Validate => validate::validate(global, &paths),
-        Command::Status => status::status(global, &paths),
-        Command::Reset(args) => reset::reset(global, &paths, args),
+        Command::Status(args) => status::status(global, &paths, args).await,
+        Command::Reset(args) => reset::reset(global, &paths, args).await,
         Command::GenJoinSecret(args) => gen_join_secret::gen_join_secret(&paths, args),
         Command::Render(command) => render::render(global, &paths, command),
     };

@@ -1,55 +1,414 @@
+//! `cluster-agent reset`: undo this node's bootstrap so the next `run`
+//! starts clean and the node rejoins. It is planned first, as a list of
+//! [`Action`]s built from what is on this node (the units the agent
+//! installed, the files it wrote) and what etcd says, then either printed
+//! (`--dry-run`) or executed in order. Every action tolerates having been
+//! done already, so an interrupted reset is finished by running it again.
+
+use std::fmt;
 use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::cli::{GlobalArgs, ResetArgs};
+use crate::config::NodeRole;
+use crate::etcd::survey::{self, Survey};
+use crate::etcd::{EtcdClient, EtcdError, member_id_hex, topology};
 use crate::paths::HostPaths;
 use crate::phases::node::NETWORK_FILE;
-use crate::state::StateStore;
+use crate::pki::{LeafKind, PkiPaths};
+use crate::services::{self, ServiceManager, Unit};
+use crate::state::{LOCK_FILE, StateStore};
+use crate::wait::{self, Backoff, Poll};
 
 use super::{CliError, EXIT_OK};
 
-/// Removes what the agent created so the next `run` starts clean. Takes the
-/// agent lock first so it never pulls state from under a running agent.
-pub fn reset(_global: &GlobalArgs, paths: &HostPaths, args: &ResetArgs) -> Result<i32, CliError> {
-    let store = StateStore::new(paths.state_dir());
-    let targets = [paths.host(NETWORK_FILE), paths.state_dir().to_path_buf()];
-    let existing: Vec<_> = targets.iter().filter(|p| p.exists()).collect();
+/// How long the peers get to answer before reset decides about leaving etcd.
+const SURVEY_BUDGET: Duration = Duration::from_secs(5);
+/// How long a refused-as-transient member removal is retried.
+const REMOVE_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Remove this node's etcd member through a voting peer.
+    LeaveEtcd {
+        member: u64,
+        name: String,
+        via: String,
+    },
+    StopUnit(String),
+    /// Remove a `<target>.wants/` link (what enabling created).
+    Disable(PathBuf),
+    /// A file or a whole directory the agent created.
+    Remove(PathBuf),
+    /// Let the service manager forget the removed unit files.
+    ReloadManager,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::LeaveEtcd { member, name, via } => write!(
+                f,
+                "remove etcd member {} ({name}) from the cluster through {via}",
+                member_id_hex(*member)
+            ),
+            Action::StopUnit(u) => write!(f, "stop {u}"),
+            Action::Disable(link) => write!(f, "disable: remove {}", link.display()),
+            Action::Remove(p) => write!(f, "remove {}", p.display()),
+            Action::ReloadManager => f.write_str("reload the service manager"),
+        }
+    }
+}
+
+pub async fn reset(
+    global: &GlobalArgs,
+    paths: &HostPaths,
+    args: &ResetArgs,
+) -> Result<i32, CliError> {
     if args.dry_run {
-        for p in &existing {
-            println!("would remove {}", p.display());
+        let actions = plan(global, paths, args.force).await?;
+        if actions.is_empty() {
+            println!("nothing to reset");
+        }
+        for action in actions {
+            println!("would {action}");
         }
         return Ok(EXIT_OK);
     }
-    if !args.yes && !confirm(&existing)? {
-        return Err(CliError::Usage(
-            "reset not confirmed; nothing was changed".into(),
-        ));
-    }
-    let lock = store.lock()?;
-    let network = paths.host(NETWORK_FILE);
-    match std::fs::remove_file(&network) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(CliError::Failed(format!(
-                "cannot remove {}: {e}",
-                network.display()
-            )));
-        }
-        _ => {}
-    }
-    drop(lock);
-    store.remove_all()?;
-    println!("reset done; the next `cluster-agent run` starts from the beginning");
-    Ok(EXIT_OK)
-}
-
-fn confirm(paths: &[&std::path::PathBuf]) -> Result<bool, CliError> {
-    if !std::io::stdin().is_terminal() {
+    if !args.yes && !std::io::stdin().is_terminal() {
         return Err(CliError::Usage(
             "reset needs --yes when not run interactively (or --dry-run to see what it does)"
                 .into(),
         ));
     }
-    for p in paths {
-        println!("will remove {}", p.display());
+    // Held from planning to the end: a `run` never works under our feet.
+    let store = StateStore::new(paths.state_dir());
+    let _lock = store.lock()?;
+    let actions = plan(global, paths, args.force).await?;
+    if actions.is_empty() {
+        println!("nothing to reset");
+        return Ok(EXIT_OK);
+    }
+    if !args.yes && !confirm(&actions)? {
+        return Err(CliError::Usage(
+            "reset not confirmed; nothing was changed".into(),
+        ));
+    }
+    let manager = if actions
+        .iter()
+        .any(|a| matches!(a, Action::StopUnit(_) | Action::ReloadManager))
+    {
+        Some(services::connect(super::services_backend(global.services, paths), paths).await?)
+    } else {
+        None
+    };
+    for action in &actions {
+        execute(paths, action, manager.as_deref(), args.force).await?;
+        println!("done: {action}");
+    }
+    println!("reset done; the next `cluster-agent run` starts from the beginning");
+    Ok(EXIT_OK)
+}
+
+/// Everything reset will do, in order. Read-only.
+pub async fn plan(
+    global: &GlobalArgs,
+    paths: &HostPaths,
+    force: bool,
+) -> Result<Vec<Action>, CliError> {
+    let mut actions = leave_etcd(global, paths, force).await?;
+    actions.extend(leave_ceph_monitors(paths));
+
+    let units = services::agent_units(paths)?;
+    actions.extend(stop_order(&units).into_iter().map(Action::StopUnit));
+    for unit in &units {
+        actions.extend(
+            services::enable_links(paths, unit)
+                .into_iter()
+                .map(Action::Disable),
+        );
+        actions.push(Action::Remove(services::unit_path(paths, &unit.name)));
+        if let Some(env) = &unit.service.environment_file {
+            actions.push(Action::Remove(env.path.clone()));
+        }
+    }
+    if !units.is_empty() {
+        actions.push(Action::ReloadManager);
+    }
+
+    let mut created = vec![topology::data_dir(paths), paths.host(NETWORK_FILE)];
+    // This node's own certificates; the shared CAs and the service-account
+    // key stay: they are the cluster's, every control-plane node holds the
+    // same, and they let this node rejoin.
+    let pki = PkiPaths::new(paths);
+    for leaf in LeafKind::ALL {
+        let p = pki.leaf(leaf);
+        created.extend([p.cert, p.key]);
+    }
+    created.extend(state_entries(paths)?);
+    actions.extend(
+        created
+            .into_iter()
+            .filter(|p| p.symlink_metadata().is_ok())
+            .map(Action::Remove),
+    );
+    guard(paths, &actions)?;
+    Ok(actions)
+}
+
+/// The Ceph monitor counterpart of [`leave_etcd`]: when the Ceph phase
+/// exists, a monitor leaves the monmap here (`ceph mon remove`, refused when
+/// it would cost the quorum) before its unit is stopped. No Ceph phase
+/// installs a monitor yet, so there is nothing to leave.
+fn leave_ceph_monitors(_paths: &HostPaths) -> Vec<Action> {
+    Vec::new()
+}
+
+/// On a control-plane node whose etcd has a member: remove it through a
+/// healthy voting peer, unless that costs the quorum (or the last fault
+/// tolerance) and `--force` is not given.
+async fn leave_etcd(
+    global: &GlobalArgs,
+    paths: &HostPaths,
+    force: bool,
+) -> Result<Vec<Action>, CliError> {
+    if !has_member(paths) {
+        return Ok(Vec::new());
+    }
+    let refuse = |why: String| -> Result<Vec<Action>, CliError> {
+        if force {
+            eprintln!("cluster-agent: warning: {why}; going ahead (--force)");
+            Ok(Vec::new())
+        } else {
+            Err(CliError::Failed(format!(
+                "{why}. Nothing was changed. Fix that first, or reset with --force"
+            )))
+        }
+    };
+    let config = match super::load_config(paths) {
+        Ok(c) => c,
+        Err(e) => {
+            return refuse(format!(
+                "this node runs etcd, but without its configuration ({}) reset cannot find the \
+                 peers to leave the cluster through",
+                crate::error_chain(&e)
+            ));
+        }
+    };
+    let (node, _) = super::target(global, paths, &config)?;
+    if !node.has_role(NodeRole::ControlPlane) {
+        return Ok(Vec::new());
+    }
+    let endpoints = crate::role::ordered_nodes(&config, NodeRole::ControlPlane)
+        .into_iter()
+        .map(|n| (n.name.clone(), topology::client_url(&config, n)))
+        .collect();
+    let deadline = tokio::time::Instant::now() + SURVEY_BUDGET;
+    let found = survey::survey(endpoints, &topology::agent_tls(paths), deadline).await;
+    let peer_url = topology::peer_url(&config, node);
+    match decide_leave(&found, &node.name, &peer_url) {
+        Err(why) => refuse(why),
+        Ok((actions, Some(risk))) => refuse(risk).map(|_| actions),
+        Ok((actions, None)) => Ok(actions),
+    }
+}
+
+/// Whether this node may be an etcd member: its data dir holds a WAL, or
+/// its record names a member id (a learner added just before a crash is
+/// known only there). A record that does not parse counts as a member.
+fn has_member(paths: &HostPaths) -> bool {
+    let record = paths.state_file(crate::phases::etcd::RECORD_FILE);
+    topology::has_local_member(paths)
+        || match crate::fsutil::read_optional(&record) {
+            Ok(Some(bytes)) => serde_json::from_slice::<topology::EtcdRecord>(&bytes)
+                .map_or(true, |r| r.member_id.is_some()),
+            Ok(None) => false,
+            Err(_) => true,
+        }
+}
+
+/// The etcd part of the plan, from what the cluster answered, and the risk
+/// it carries (which only `--force` accepts). An error: nothing can be done
+/// through etcd at all.
+fn decide_leave(
+    found: &Survey,
+    name: &str,
+    peer_url: &str,
+) -> Result<(Vec<Action>, Option<String>), String> {
+    let Some(members) = &found.members else {
+        let errors: Vec<String> = found
+            .endpoints
+            .iter()
+            .map(|e| format!("{}: {}", e.node, e.error.as_deref().unwrap_or("unhealthy")))
+            .collect();
+        return Err(format!(
+            "no healthy etcd voter answered ({}), so this node's member cannot be removed; \
+             after a forced reset it stays in the cluster until this node rejoins (the agent \
+             then removes it) or `etcdctl member remove` removes it",
+            errors.join("; ")
+        ));
+    };
+    let Some(mine) = members
+        .iter()
+        .find(|m| m.peer_urls.iter().any(|u| u == peer_url))
+    else {
+        // Not (or no longer) a member: nothing to leave.
+        return Ok((Vec::new(), None));
+    };
+    let risk = survey::removal_risk(members, &found.healthy_ids(), mine.id);
+    let actions = match found.healthy_voter_url(Some(mine.id)) {
+        Some(via) => vec![Action::LeaveEtcd {
+            member: mine.id,
+            name: name.to_string(),
+            via,
+        }],
+        // The only voter: there is no cluster left to leave.
+        None => Vec::new(),
+    };
+    Ok((actions, risk))
+}
+
+/// Units nothing else installed depends on are stopped first, so etcd goes
+/// after whatever (kube-apiserver) needs it.
+fn stop_order(units: &[Unit]) -> Vec<String> {
+    let mut left: Vec<&Unit> = units.iter().collect();
+    let mut order = Vec::new();
+    while !left.is_empty() {
+        let needed = |u: &Unit| {
+            left.iter().any(|o| {
+                o.name != u.name
+                    && o.after
+                        .iter()
+                        .chain(&o.requires)
+                        .chain(&o.wants)
+                        .any(|d| d == &u.name)
+            })
+        };
+        // A dependency cycle would stall: then stop the rest as they are.
+        let next = left.iter().position(|u| !needed(u)).unwrap_or(0);
+        order.push(left.remove(next).name.clone());
+    }
+    order
+}
+
+/// Everything in the state dir except the lock file, which reset holds.
+fn state_entries(paths: &HostPaths) -> Result<Vec<PathBuf>, CliError> {
+    let dir = paths.state_dir();
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        other => {
+            other.map_err(|e| CliError::Failed(format!("cannot list {}: {e}", dir.display())))?
+        }
+    };
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_name() != LOCK_FILE)
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// Reset removes only what the agent created: never the configuration dir
+/// (which holds the join secret), never anything outside `--root`.
+fn guard(paths: &HostPaths, actions: &[Action]) -> Result<(), CliError> {
+    for action in actions {
+        if let Action::Remove(p) | Action::Disable(p) = action
+            && (p.starts_with(paths.config_dir()) || !p.starts_with(paths.root()))
+        {
+            return Err(CliError::Failed(format!(
+                "refusing to remove {}: it is not something the agent created under {}",
+                p.display(),
+                paths.root().display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn execute(
+    paths: &HostPaths,
+    action: &Action,
+    manager: Option<&dyn ServiceManager>,
+    force: bool,
+) -> Result<(), CliError> {
+    match action {
+        Action::LeaveEtcd { member, via, .. } => match remove_member(paths, *member, via).await {
+            Err(e) if force => {
+                eprintln!("cluster-agent: warning: {e}; going ahead (--force)");
+                Ok(())
+            }
+            other => other,
+        },
+        Action::StopUnit(unit) => {
+            if let Some(m) = manager {
+                m.stop(unit).await?;
+            }
+            Ok(())
+        }
+        Action::ReloadManager => {
+            if let Some(m) = manager {
+                m.daemon_reload().await?;
+            }
+            Ok(())
+        }
+        Action::Disable(p) | Action::Remove(p) => remove_path(p),
+    }
+}
+
+/// Removes `member` through `via`, retrying refusals etcd calls transient;
+/// a member that is already gone (reset interrupted after the removal) is
+/// success.
+async fn remove_member(paths: &HostPaths, member: u64, via: &str) -> Result<(), CliError> {
+    let failed = |e: &EtcdError| {
+        CliError::Failed(format!(
+            "cannot remove etcd member {} through {via}: {}",
+            member_id_hex(member),
+            crate::error_chain(e)
+        ))
+    };
+    let client = EtcdClient::connect(&[via.to_string()], &topology::agent_tls(paths))
+        .await
+        .map_err(|e| failed(&e))?;
+    let outcome = wait::poll_until(
+        "etcd to remove this node's member",
+        REMOVE_WAIT,
+        Backoff::remote(Duration::from_secs(2)),
+        || {
+            let mut c = client.clone();
+            async move {
+                match c.remove(member).await {
+                    Err(e) if e.to_string().contains("member not found") => Poll::Ready(Ok(())),
+                    Err(e) if e.is_retryable() => Poll::Pending(crate::error_chain(&e)),
+                    done => Poll::Ready(done),
+                }
+            }
+        },
+    )
+    .await
+    .map_err(|e| CliError::Failed(crate::error_chain(&e)))?;
+    outcome.map_err(|e| failed(&e))
+}
+
+fn remove_path(p: &Path) -> Result<(), CliError> {
+    let result = match p.symlink_metadata() {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+        Ok(_) => std::fs::remove_file(p),
+        Err(e) => Err(e),
+    };
+    match result {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(CliError::Failed(format!(
+            "cannot remove {}: {e}",
+            p.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn confirm(actions: &[Action]) -> Result<bool, CliError> {
+    for a in actions {
+        println!("will {a}");
     }
     print!("Proceed? [y/N] ");
     let _ = std::io::stdout().flush();
@@ -59,4 +418,138 @@ fn confirm(paths: &[&std::path::PathBuf]) -> Result<bool, CliError> {
         .read_line(&mut answer)
         .map_err(|e| CliError::Failed(format!("cannot read answer: {e}")))?;
     Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::etcd::survey::EndpointReport;
+    use crate::etcd::{EndpointStatus, Member};
+
+    fn survey_of(healthy: &[bool]) -> Survey {
+        let endpoints = healthy
+            .iter()
+            .enumerate()
+            .map(|(i, ok)| EndpointReport {
+                node: format!("cp-{}", i + 1),
+                url: format!("https://10.0.0.{}:2379", i + 1),
+                status: ok.then(|| EndpointStatus {
+                    member_id: i as u64 + 1,
+                    leader: 1,
+                    is_learner: false,
+                    version: "3.4.23".into(),
+                    db_size: 0,
+                    raft_term: 2,
+                    raft_index: 7,
+                }),
+                healthy: *ok,
+                error: None,
+            })
+            .collect();
+        let members = (1..=healthy.len() as u64)
+            .map(|id| Member {
+                id,
+                name: format!("cp-{id}"),
+                peer_urls: vec![format!("https://10.0.0.{id}:2380")],
+                client_urls: vec![],
+                is_learner: false,
+            })
+            .collect();
+        Survey {
+            endpoints,
+            members: Some(members),
+        }
+    }
+
+    #[test]
+    fn leaving_goes_through_another_healthy_voter_and_names_the_risk() {
+        let (actions, risk) = decide_leave(
+            &survey_of(&[true, true, true]),
+            "cp-3",
+            "https://10.0.0.3:2380",
+        )
+        .unwrap();
+        assert_eq!(risk, None);
+        assert_eq!(
+            actions,
+            [Action::LeaveEtcd {
+                member: 3,
+                name: "cp-3".into(),
+                via: "https://10.0.0.1:2379".into()
+            }]
+        );
+        let (_, risk) = decide_leave(
+            &survey_of(&[true, false, true]),
+            "cp-3",
+            "https://10.0.0.3:2380",
+        )
+        .unwrap();
+        assert!(risk.is_some());
+        // Not a member (any more): nothing to do, nothing at risk.
+        let (actions, risk) =
+            decide_leave(&survey_of(&[true, true]), "cp-3", "https://10.0.0.3:2380").unwrap();
+        assert!(actions.is_empty() && risk.is_none());
+        // The only voter: no peer to go through, and the risk is named.
+        let (actions, risk) =
+            decide_leave(&survey_of(&[true]), "cp-1", "https://10.0.0.1:2380").unwrap();
+        assert!(actions.is_empty() && risk.unwrap().contains("only voting member"));
+        let mut silent = survey_of(&[false, false]);
+        silent.members = None;
+        assert!(decide_leave(&silent, "cp-1", "https://10.0.0.1:2380").is_err());
+    }
+
+    #[test]
+    fn a_member_is_known_by_its_wal_or_its_recorded_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = HostPaths::new(dir.path(), None, None);
+        assert!(!has_member(&paths));
+        let record = paths.state_file(crate::phases::etcd::RECORD_FILE);
+        std::fs::create_dir_all(record.parent().unwrap()).unwrap();
+        std::fs::write(&record, r#"{"formation": "new", "initial_cluster": "a=b"}"#).unwrap();
+        assert!(!has_member(&paths), "decided, but no member yet");
+        std::fs::write(
+            &record,
+            r#"{"formation": "join", "initial_cluster": "", "member_id": "2a"}"#,
+        )
+        .unwrap();
+        assert!(has_member(&paths));
+        std::fs::write(&record, "garbage").unwrap();
+        assert!(has_member(&paths), "unreadable: assume a member");
+        std::fs::remove_file(&record).unwrap();
+        std::fs::create_dir_all(topology::data_dir(&paths).join("member/wal")).unwrap();
+        assert!(has_member(&paths));
+    }
+
+    #[test]
+    fn units_are_stopped_before_what_they_need() {
+        let unit = |name: &str, after: &[&str]| Unit {
+            name: name.into(),
+            after: after.iter().map(|s| s.to_string()).collect(),
+            ..Unit::default()
+        };
+        let units = [
+            unit("etcd.service", &["network-online.target"]),
+            unit("kube-apiserver.service", &["etcd.service"]),
+            unit("kubelet.service", &["kube-apiserver.service"]),
+        ];
+        assert_eq!(
+            stop_order(&units),
+            ["kubelet.service", "kube-apiserver.service", "etcd.service"]
+        );
+    }
+
+    #[test]
+    fn nothing_outside_the_root_or_in_the_config_dir_is_removed() {
+        let paths = HostPaths::new(Path::new("/tmp/n1"), None, None);
+        assert!(guard(&paths, &[Action::Remove("/tmp/n1/var/lib/etcd".into())]).is_ok());
+        for bad in [
+            "/tmp/n1/etc/cluster-config/secrets/join-secret",
+            "/etc/passwd",
+        ] {
+            assert!(
+                guard(&paths, &[Action::Remove(bad.into())]).is_err(),
+                "{bad}"
+            );
+        }
+    }
 }

@@ -1,12 +1,12 @@
 use time::format_description::well_known::Rfc3339;
 
-use crate::cli::{GlobalArgs, ServicesArg};
+use crate::cli::GlobalArgs;
 use crate::engine::{self, CRASH_ENV, Context, CrashPoint, Progress};
 use crate::notify;
 use crate::paths::HostPaths;
 use crate::phases;
 use crate::role::Role;
-use crate::services::{self, Backend};
+use crate::services;
 use crate::state::{Journal, Marker, StateError, StateStore};
 
 use super::{CliError, EXIT_OK, load_config, target};
@@ -64,7 +64,8 @@ pub async fn run(global: &GlobalArgs, paths: &HostPaths) -> Result<i32, CliError
     }
     tracing::info!(node = %node.name, role = %target.role, identity = ?target.identity, "starting");
 
-    let services = services::connect(backend(global.services, paths), paths).await?;
+    let services =
+        services::connect(super::services_backend(global.services, paths), paths).await?;
     let ctx = Context {
         paths: paths.clone(),
         config,
@@ -105,15 +106,4 @@ pub async fn run(global: &GlobalArgs, paths: &HostPaths) -> Result<i32, CliError
     notify::ready(&format!("{finished} as {}", target.role));
     println!("{}: {finished} as {}", ctx.node.name, target.role);
     Ok(EXIT_OK)
-}
-
-/// `auto` picks systemd exactly when systemd is PID 1 under the root (the
-/// check `sd_booted()` makes), so a temp-root run never drives the host's.
-fn backend(choice: ServicesArg, paths: &HostPaths) -> Backend {
-    match choice {
-        ServicesArg::Systemd => Backend::Systemd,
-        ServicesArg::Process => Backend::Process,
-        ServicesArg::Auto if paths.host("/run/systemd/system").is_dir() => Backend::Systemd,
-        ServicesArg::Auto => Backend::Process,
-    }
 }

@@ -88,6 +88,7 @@ impl EtcdError {
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Member {
+    #[serde(serialize_with = "hex_id")]
     pub id: u64,
     /// Empty until the member has started (etcd learns the name then).
     pub name: String,
@@ -114,9 +115,30 @@ impl From<&etcd_client::Member> for Member {
     }
 }
 
+/// What one endpoint says about itself, as `etcdctl endpoint status` shows.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EndpointStatus {
+    #[serde(serialize_with = "hex_id")]
+    pub member_id: u64,
+    /// 0 while the member knows no leader.
+    #[serde(serialize_with = "hex_id")]
+    pub leader: u64,
+    pub is_learner: bool,
+    pub version: String,
+    pub db_size: i64,
+    pub raft_term: u64,
+    pub raft_index: u64,
+}
+
 /// Member ids are shown in hex, as etcdctl does.
 pub fn member_id_hex(id: u64) -> String {
     format!("{id:x}")
+}
+
+/// Ids go into JSON as hex strings: as numbers, most JSON readers would
+/// round them (they exceed 2^53).
+fn hex_id<S: serde::Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&member_id_hex(*id))
 }
 
 #[derive(Clone)]
@@ -175,15 +197,27 @@ impl EtcdClient {
     /// The answering member's id, once it knows a leader (learners included,
     /// which cannot serve the linearizable read `check_health` makes).
     pub async fn local_member_with_leader(&mut self) -> Result<u64, EtcdError> {
-        let status = self.inner.status().await.map_err(self.api())?;
-        let id = status.header().map(|h| h.member_id()).unwrap_or(0);
-        if id == 0 || status.leader() == 0 {
+        let status = self.endpoint_status().await?;
+        if status.member_id == 0 || status.leader == 0 {
             return Err(EtcdError::Incomplete {
                 endpoints: self.endpoints.clone(),
                 what: "a leader",
             });
         }
-        Ok(id)
+        Ok(status.member_id)
+    }
+
+    pub async fn endpoint_status(&mut self) -> Result<EndpointStatus, EtcdError> {
+        let status = self.inner.status().await.map_err(self.api())?;
+        Ok(EndpointStatus {
+            member_id: status.header().map(|h| h.member_id()).unwrap_or(0),
+            leader: status.leader(),
+            is_learner: status.is_learner(),
+            version: status.version().to_string(),
+            db_size: status.db_size(),
+            raft_term: status.raft_term(),
+            raft_index: status.raft_index(),
+        })
     }
 
     /// Adds a learner; returns its id and the member list etcd reports after

@@ -25,8 +25,9 @@ use crate::wait::WaitTimeout;
 pub use process::ProcessManager;
 pub use systemd::SystemdManager;
 pub use unit::{
-    EnvironmentFile, InstallSection, RestartPolicy, ServiceSection, ServiceType, Unit,
-    install_unit, parse_env_file, parse_unit, unit_enabled, unit_installed, unit_path,
+    EnvironmentFile, InstallSection, RestartPolicy, ServiceSection, ServiceType, Unit, agent_units,
+    enable_links, install_unit, parse_env_file, parse_unit, unit_enabled, unit_installed,
+    unit_path,
 };
 
 /// How long `start`/`restart` wait for a unit to become active when the unit
@@ -186,6 +187,15 @@ pub enum ServicesError {
 pub enum Backend {
     Systemd,
     Process,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Systemd => "systemd",
+            Backend::Process => "process",
+        }
+    }
 }
 
 pub async fn connect(

@@ -18,6 +18,9 @@ use super::ServicesError;
 
 /// Where unit files live on the host.
 pub const UNIT_DIR: &str = "/etc/systemd/system";
+/// First line of every unit file the agent renders: how `status` and `reset`
+/// tell the agent's units from the host's, whichever phase installed them.
+pub const AGENT_HEADER: &str = "# Written by cluster-agent; local edits are overwritten.";
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Unit {
@@ -146,8 +149,7 @@ impl Unit {
     pub fn render(&self) -> Result<String, ServicesError> {
         self.validate()?;
         let s = &self.service;
-        let mut out =
-            String::from("# Written by cluster-agent; local edits are overwritten.\n[Unit]\n");
+        let mut out = format!("{AGENT_HEADER}\n[Unit]\n");
         line(&mut out, "Description", &spec_escape(&self.description));
         list(&mut out, "After", &self.after);
         list(&mut out, "Wants", &self.wants);
@@ -714,13 +716,58 @@ pub fn unit_installed(paths: &HostPaths, unit: &Unit) -> Result<bool, ServicesEr
 /// creates (both backends, and `systemctl enable`, make the same links).
 pub fn unit_enabled(paths: &HostPaths, unit: &Unit) -> bool {
     unit.install.wanted_by.iter().all(|target| {
-        paths
-            .host(UNIT_DIR)
-            .join(format!("{target}.wants"))
-            .join(&unit.name)
+        wants_link(paths, target, &unit.name)
             .symlink_metadata()
             .is_ok()
     })
+}
+
+fn wants_link(paths: &HostPaths, target: &str, unit: &str) -> PathBuf {
+    paths
+        .host(UNIT_DIR)
+        .join(format!("{target}.wants"))
+        .join(unit)
+}
+
+/// Every unit the agent installed under `<root>/etc/systemd/system` (its
+/// files start with [`AGENT_HEADER`]), parsed back, sorted by name. Units a
+/// later phase adds are found here without `status` or `reset` knowing them.
+pub fn agent_units(paths: &HostPaths) -> Result<Vec<Unit>, ServicesError> {
+    let dir = paths.host(UNIT_DIR);
+    let io = |what: &str, path: &Path| {
+        let (what, path) = (what.to_string(), path.to_path_buf());
+        move |source| ServicesError::Io { what, path, source }
+    };
+    let entries = match std::fs::read_dir(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        other => other.map_err(io("list unit files", &dir))?,
+    };
+    let mut units = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io("list unit files", &dir))?;
+        let path = entry.path();
+        if !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).map_err(io("read the unit file", &path))?;
+        if text.lines().next() != Some(AGENT_HEADER) {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        units.push(parse_unit(&name, &text, &path)?);
+    }
+    units.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(units)
+}
+
+/// The `<target>.wants/<unit>` links that enable `unit` and exist now.
+pub fn enable_links(paths: &HostPaths, unit: &Unit) -> Vec<PathBuf> {
+    unit.install
+        .wanted_by
+        .iter()
+        .map(|target| wants_link(paths, target, &unit.name))
+        .filter(|link| link.symlink_metadata().is_ok())
+        .collect()
 }
 
 fn file_matches(path: &Path, contents: &[u8]) -> Result<bool, ServicesError> {
@@ -914,5 +961,36 @@ mod tests {
             out.status.success() && stderr.trim().is_empty(),
             "verify failed: {stderr}"
         );
+    }
+
+    #[test]
+    fn agent_units_are_told_from_the_hosts_by_their_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = HostPaths::new(dir.path(), None, None);
+        assert!(agent_units(&paths).unwrap().is_empty());
+        let mut unit = sample();
+        unit.service.environment_file = None;
+        install_unit(&paths, &unit).unwrap();
+        std::fs::write(
+            unit_path(&paths, "host.service"),
+            "[Service]\nExecStart=/bin/true\n",
+        )
+        .unwrap();
+        let found = agent_units(&paths).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].name, "demo.service");
+        assert!(enable_links(&paths, &found[0]).is_empty());
+        let wants = paths.host(UNIT_DIR).join("multi-user.target.wants");
+        std::fs::create_dir_all(&wants).unwrap();
+        std::os::unix::fs::symlink(
+            "/etc/systemd/system/demo.service",
+            wants.join("demo.service"),
+        )
+        .unwrap();
+        assert_eq!(
+            enable_links(&paths, &found[0]),
+            [wants.join("demo.service")]
+        );
+        assert!(unit_enabled(&paths, &found[0]));
     }
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod dbus;
+pub mod etcd;
 pub mod nspawn;
 pub mod systemd1_double;
 
