@@ -67,6 +67,9 @@ pub enum Command {
     Reset(ResetArgs),
     /// Write a new cluster join secret (32 random bytes, mode 0600)
     GenJoinSecret(GenJoinSecretArgs),
+    /// Serve join material to nodes that prove they hold the join secret
+    /// (the long-running cluster-join.service on control-plane nodes)
+    ServeJoin(ServeJoinArgs),
     /// Render provisioning data from the config dir: Ignition configs, Matchbox data
     #[command(subcommand)]
     Render(RenderCommand),
@@ -108,6 +111,17 @@ pub struct ResetArgs {
     /// its last fault tolerance, or no peer can be reached to leave it
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeJoinArgs {
+    /// Address to listen on [default: this node's IP and `bootstrap.join_port`]
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Seconds a client has for its TLS handshake, and again for each request
+    /// from first header byte to last body byte
+    #[arg(long, default_value_t = 5.0, value_parser = parse_interval)]
+    pub request_timeout: f64,
 }
 
 #[derive(Debug, Args)]

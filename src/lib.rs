@@ -5,6 +5,7 @@ pub mod config;
 pub mod engine;
 pub mod fsutil;
 pub mod identity;
+pub mod join;
 pub mod notify;
 pub mod paths;
 pub mod phases;

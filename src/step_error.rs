@@ -31,6 +31,8 @@ pub enum StepError {
     Pki(#[from] crate::pki::PkiError),
     #[error(transparent)]
     Services(#[from] crate::services::ServicesError),
+    #[error(transparent)]
+    Join(#[from] crate::join::JoinError),
     #[error("D-Bus call {call} failed: {source}")]
     Dbus {
         call: &'static str,

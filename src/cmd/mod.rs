@@ -6,6 +6,7 @@ mod plan;
 mod render;
 mod reset;
 mod run;
+mod serve_join;
 mod status;
 mod validate;
 
@@ -94,6 +95,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Status(args) => status::status(global, &paths, args).await,
         Command::Reset(args) => reset::reset(global, &paths, args).await,
         Command::GenJoinSecret(args) => gen_join_secret::gen_join_secret(&paths, args),
+        Command::ServeJoin(args) => serve_join::serve_join(global, &paths, args).await,
         Command::Render(command) => render::render(global, &paths, command),
     };
     match result {

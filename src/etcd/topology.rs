@@ -161,6 +161,7 @@ pub fn render_unit(
         install: crate::services::InstallSection {
             wanted_by: vec!["multi-user.target".into()],
         },
+        systemd_only: Vec::new(),
     }
 }
 

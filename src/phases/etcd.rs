@@ -220,7 +220,10 @@ impl Step for PkiCas {
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         let record = require_record(ctx)?;
+        // An operator who brings the cluster's own CAs puts them here; they
+        // take precedence over generating or fetching.
         let import_dir = ctx.paths.config_dir().join(CA_IMPORT_DIR);
+        let fetched;
         let source = if import_dir.is_dir() {
             CaSource::Import(&import_dir)
         } else if record.formation == Formation::New {
@@ -231,16 +234,38 @@ impl Step for PkiCas {
             tracing::info!("joining with the shared CA material already on this node");
             return Ok(Outcome::Done);
         } else {
-            return Err(StepError::Precondition(format!(
-                "this node joins an existing cluster but has no shared CA material: copy ca.*, \
-                 front-proxy-ca.*, sa.* and etcd/ca.* from the first control-plane node's \
-                 /etc/kubernetes/pki into {}",
-                import_dir.display()
-            )));
+            fetched = fetch_cas(ctx).await?;
+            CaSource::Bundle(&fetched)
         };
         let report = pki::ensure_cluster_cas(&ctx.paths, source)?;
         tracing::info!(?report, "cluster CAs in place");
         Ok(Outcome::Done)
+    }
+}
+
+/// The shared CA material from any other control-plane node's join
+/// service, authenticated and decrypted with the join secret.
+async fn fetch_cas(ctx: &Context) -> Result<pki::CaBundle, StepError> {
+    let client = crate::join::JoinClient::new(
+        crate::join::JoinKeys::load(&ctx.paths, &ctx.config.cluster.name)?,
+        &ctx.node.name,
+        std::net::IpAddr::V4(ctx.node.ip),
+    );
+    let servers = crate::join::control_plane_servers(&ctx.config, &ctx.node);
+    let material = client
+        .fetch(
+            &servers,
+            crate::join::Purpose::ControlPlane,
+            MEMBERSHIP_WAIT,
+            |what| ctx.progress.waiting(what),
+        )
+        .await?;
+    match material {
+        crate::join::Material::ControlPlane { cas } => Ok(cas),
+        other => Err(StepError::Precondition(format!(
+            "the join service answered with {} material to a control-plane request",
+            other.purpose()
+        ))),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod control_plane;
 pub mod etcd;
+pub mod join_service;
 pub mod node;
 
 use crate::config::{ClusterConfig, NodeSpec};
@@ -18,6 +19,7 @@ pub fn build(role: Role, _ceph_role: CephRole) -> Plan {
     let mut phases = vec![node::phase()];
     if matches!(role, Role::MasterFirst | Role::MasterAdditional) {
         phases.push(etcd::phase());
+        phases.push(join_service::phase());
         phases.push(control_plane::phase());
     }
     Plan { phases }
@@ -30,5 +32,12 @@ pub fn rendered_units(paths: &HostPaths, config: &ClusterConfig, node: &NodeSpec
     let role = crate::role::decide(config, node);
     let mut units = Vec::new();
     units.extend(etcd::rendered_units(paths, config, node, role));
+    if node.is_control_plane() {
+        units.push(join_service::render_unit(
+            paths,
+            node,
+            std::path::Path::new(join_service::IMAGE_AGENT),
+        ));
+    }
     units
 }

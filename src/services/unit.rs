@@ -32,7 +32,47 @@ pub struct Unit {
     pub requires: Vec<String>,
     pub service: ServiceSection,
     pub install: InstallSection,
+    /// Settings only systemd acts on — sandboxing, start-rate limits, exit
+    /// statuses that stop restarts — as `(section, key, value)` in file
+    /// order. The process backend runs the same ExecStart without them: it
+    /// can neither sandbox nor restart, and says so in docs/architecture.md.
+    pub systemd_only: Vec<(String, String, String)>,
 }
+
+/// Keys [`Unit::systemd_only`] may hold: none of them changes what runs,
+/// only how systemd confines, restarts or accounts for it.
+const SYSTEMD_ONLY_KEYS: &[(&str, &str)] = &[
+    ("Unit", "Documentation"),
+    ("Unit", "ConditionPathExists"),
+    ("Unit", "StartLimitIntervalSec"),
+    ("Service", "NotifyAccess"),
+    ("Service", "RestartPreventExitStatus"),
+    ("Service", "NoNewPrivileges"),
+    ("Service", "CapabilityBoundingSet"),
+    ("Service", "ProtectSystem"),
+    ("Service", "StateDirectory"),
+    ("Service", "StateDirectoryMode"),
+    ("Service", "ProtectHome"),
+    ("Service", "PrivateTmp"),
+    ("Service", "PrivateDevices"),
+    ("Service", "ProtectKernelTunables"),
+    ("Service", "ProtectKernelModules"),
+    ("Service", "ProtectKernelLogs"),
+    ("Service", "ProtectControlGroups"),
+    ("Service", "ProtectClock"),
+    ("Service", "ProtectHostname"),
+    ("Service", "ProtectProc"),
+    ("Service", "RestrictAddressFamilies"),
+    ("Service", "RestrictNamespaces"),
+    ("Service", "RestrictRealtime"),
+    ("Service", "RestrictSUIDSGID"),
+    ("Service", "LockPersonality"),
+    ("Service", "MemoryDenyWriteExecute"),
+    ("Service", "SystemCallArchitectures"),
+    ("Service", "SystemCallFilter"),
+    ("Service", "SystemCallErrorNumber"),
+    ("Service", "UMask"),
+];
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServiceSection {
@@ -154,6 +194,7 @@ impl Unit {
         list(&mut out, "After", &self.after);
         list(&mut out, "Wants", &self.wants);
         list(&mut out, "Requires", &self.requires);
+        self.render_systemd_only(&mut out, "Unit");
         out.push_str("\n[Service]\n");
         line(&mut out, "Type", s.type_.as_str());
         let argv: Vec<String> = s.exec_start.iter().map(|a| quote_exec_arg(a)).collect();
@@ -196,11 +237,18 @@ impl Unit {
         if let Some(n) = s.limit_nofile {
             line(&mut out, "LimitNOFILE", &n.to_string());
         }
+        self.render_systemd_only(&mut out, "Service");
         if !self.install.wanted_by.is_empty() {
             out.push_str("\n[Install]\n");
             list(&mut out, "WantedBy", &self.install.wanted_by);
         }
         Ok(out)
+    }
+
+    fn render_systemd_only(&self, out: &mut String, section: &str) {
+        for (_, key, value) in self.systemd_only.iter().filter(|(s, _, _)| s == section) {
+            line(out, key, value);
+        }
     }
 
     fn validate(&self) -> Result<(), ServicesError> {
@@ -483,6 +531,15 @@ pub fn parse_unit(name: &str, text: &str, source: &Path) -> Result<Unit, Service
                         .map_err(|_| err(format!("bad LimitNOFILE `{value}`")))?,
                 )
             }
+            (sec, k) if SYSTEMD_ONLY_KEYS.contains(&(sec, k)) => unit.systemd_only.push((
+                section.clone(),
+                key.to_string(),
+                // Verbatim: these are systemd's to interpret.
+                l.split_once('=')
+                    .map(|(_, v)| v.trim())
+                    .unwrap_or_default()
+                    .to_string(),
+            )),
             _ => {
                 return Err(err(format!(
                     "`{key}=` in [{section}] is not supported by cluster-agent"
@@ -828,6 +885,19 @@ mod tests {
             install: InstallSection {
                 wanted_by: vec!["multi-user.target".into()],
             },
+            systemd_only: vec![
+                ("Unit".into(), "StartLimitIntervalSec".into(), "0".into()),
+                (
+                    "Service".into(),
+                    "SystemCallFilter".into(),
+                    "@system-service".into(),
+                ),
+                (
+                    "Service".into(),
+                    "SystemCallFilter".into(),
+                    "~@privileged".into(),
+                ),
+            ],
         }
     }
 

@@ -93,10 +93,21 @@ impl Cluster {
             nodes,
             net,
         };
+        let secret: [u8; 32] = rand::random();
         for node in &cluster.nodes {
             cluster.write_config(&node.name, &cluster.cluster_yaml());
+            cluster.write_join_secret(&node.name, &secret);
         }
         cluster
+    }
+
+    /// As Ignition does: the same secret on every node, 0600.
+    pub fn write_join_secret(&self, node: &str, secret: &[u8]) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.config_dir(node).join("secrets/join-secret");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, secret).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
 
     pub fn cluster_yaml(&self) -> String {
@@ -216,8 +227,9 @@ pub fn exists(p: &Path) -> bool {
 
 impl Cluster {
     /// Generates the shared CAs once, with the agent's own PKI code, and puts
-    /// them into every node's `<config-dir>/pki` — the seam the join service
-    /// will replace — so nodes may start in any order.
+    /// them into every node's `<config-dir>/pki` as an operator bringing
+    /// the cluster's own CAs does (instead of master-first generating them
+    /// and the others fetching them through the join service).
     pub fn share_ca(&self) {
         let seed = self.dir.path().join("ca-seed");
         let paths = cluster_agent::paths::HostPaths::new(&seed, None, None);
