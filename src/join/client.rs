@@ -130,6 +130,12 @@ impl JoinClient {
     }
 
     async fn exchange(&self, server: SocketAddr, purpose: Purpose) -> Result<Material, JoinError> {
+        self.connect(server).await?.request(purpose).await
+    }
+
+    /// A TLS session to `server` that can carry several requests (each
+    /// with its own nonce); a booting node needs one, load tests many.
+    pub async fn connect(&self, server: SocketAddr) -> Result<JoinSession<'_>, JoinError> {
         let fail = |reason: String| JoinError::Server {
             server: server.to_string(),
             reason,
@@ -161,13 +167,48 @@ impl JoinClient {
             .1
             .export_keying_material(&mut exporter, EXPORTER_LABEL, None)
             .map_err(|e| fail(format!("TLS exporter: {e}")))?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| fail(format!("HTTP: {e}")))?;
+        Ok(JoinSession {
+            client: self,
+            server,
+            exporter,
+            sender,
+            driver: tokio::spawn(connection),
+        })
+    }
+}
 
+pub struct JoinSession<'c> {
+    client: &'c JoinClient,
+    server: SocketAddr,
+    exporter: Exporter,
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    driver: tokio::task::JoinHandle<Result<(), hyper::Error>>,
+}
+
+impl Drop for JoinSession<'_> {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl JoinSession<'_> {
+    pub async fn request(&mut self, purpose: Purpose) -> Result<Material, JoinError> {
+        let server = self.server;
+        let exporter = self.exporter;
+        let me = &self.client.node;
+        let fail = |reason: String| JoinError::Server {
+            server: server.to_string(),
+            reason,
+        };
         let nonce = random_nonce();
         let timestamp = now_unix();
-        let proof = self.keys.proof(
+        let proof = self.client.keys.proof(
             &exporter,
             &ProofFields {
-                node: &self.node,
+                node: me,
                 purpose,
                 timestamp,
                 nonce: &nonce,
@@ -175,7 +216,7 @@ impl JoinClient {
         );
         let body = serde_json::to_vec(&JoinRequest {
             version: PROTOCOL_VERSION,
-            node: self.node.clone(),
+            node: me.clone(),
             purpose,
             timestamp,
             nonce: B64.encode(nonce),
@@ -183,10 +224,6 @@ impl JoinClient {
         })
         .expect("request serialises");
 
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| fail(format!("HTTP: {e}")))?;
-        let driver = tokio::spawn(connection);
         let request = Request::builder()
             .method(Method::POST)
             .uri(JOIN_PATH)
@@ -194,7 +231,8 @@ impl JoinClient {
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .expect("static request is valid");
-        let response = sender
+        let response = self
+            .sender
             .send_request(request)
             .await
             .map_err(|e| fail(format!("HTTP: {e}")))?;
@@ -204,7 +242,6 @@ impl JoinClient {
             .await
             .map_err(|e| fail(format!("reading the answer: {e}")))?
             .to_bytes();
-        driver.abort();
 
         if !status.is_success() {
             // Unauthenticated, so only shown, never acted on.
@@ -222,11 +259,12 @@ impl JoinClient {
         };
         let answer: SealedAnswer = serde_json::from_slice(&bytes).map_err(|_| unauthenticated())?;
         let plain = self
+            .client
             .keys
             .open(
                 &exporter,
                 &nonce,
-                &self.node,
+                me,
                 purpose,
                 &answer.nonce,
                 &answer.sealed,
