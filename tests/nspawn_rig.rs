@@ -62,31 +62,6 @@ fn assert_voters(rig: &Rig, asked: &str, expected: &[&str]) {
 /// Waits until `node`'s bootstrap unit has finished successfully; fails at
 /// once, with the agent's log, if it failed. Calls `seen` with every
 /// STATUS= text along the way.
-/// TEMPORARY until the join service delivers the CAs: what an operator
-/// would copy into the joiners' `pki/` import dir.
-fn share_ca(rig: &Rig, from: &str, to: &[&str]) {
-    let pki = rig.root(from).join("etc/kubernetes/pki");
-    wait_for("the first master's CAs", CONVERGE, || {
-        pki.join("etcd/ca.key").exists().then_some(())
-    });
-    for node in to {
-        let dir = rig.root(node).join("etc/cluster-config/pki");
-        std::fs::create_dir_all(dir.join("etcd")).unwrap();
-        for f in [
-            "ca.crt",
-            "ca.key",
-            "front-proxy-ca.crt",
-            "front-proxy-ca.key",
-            "sa.key",
-            "sa.pub",
-            "etcd/ca.crt",
-            "etcd/ca.key",
-        ] {
-            std::fs::copy(pki.join(f), dir.join(f)).unwrap();
-        }
-    }
-}
-
 fn wait_bootstrapped(rig: &Rig, node: &str, mut seen: impl FnMut(&str)) {
     let mut last = Default::default();
     let done = poll(CONVERGE, || {
@@ -122,9 +97,9 @@ fn cold_rack_bootstraps_through_real_systemd() {
         ("w-1", &["worker"]),
     ]);
     let started = Instant::now();
-    rig.boot("cp-1");
-    share_ca(&rig, "cp-1", &["cp-2", "cp-3"]);
-    for node in ["cp-2", "cp-3", "w-1"] {
+    // All at once: the additional masters wait for cp-1's join service
+    // for their CAs.
+    for node in ["cp-1", "cp-2", "cp-3", "w-1"] {
         rig.boot(node);
     }
     let mut statuses = BTreeSet::new();
@@ -159,6 +134,10 @@ fn cold_rack_bootstraps_through_real_systemd() {
         // child process: systemd itself reports it running.
         let etcd = rig.unit(node, "etcd.service");
         assert_eq!(etcd["ActiveState"], "active", "{node}: {etcd:?}");
+        // Every master serves joiners, under real systemd with the shipped
+        // unit's sandboxing.
+        let join = rig.unit(node, "cluster-join.service");
+        assert_eq!(join["ActiveState"], "active", "{node}: {join:?}");
         // The node set its own address and hostname through networkd and
         // hostnamed.
         let hostname = rig.exec(node, "hostname", &[]);
@@ -210,7 +189,6 @@ fn reboots_mid_bootstrap_resume_and_converge() {
     )
     .unwrap();
     rig.boot("cp-1");
-    share_ca(&rig, "cp-1", &["cp-2", "cp-3"]);
     rig.boot("cp-2");
     wait_for(
         "cp-2's agent to crash at etcd-member-add:after",
@@ -251,13 +229,13 @@ fn partitioned_joiner_waits_then_completes() {
     let mut rig = Rig::new(&[("cp-1", &["control-plane"]), ("cp-2", &["control-plane"])]);
     rig.boot("cp-1");
     wait_bootstrapped(&rig, "cp-1", |_| {});
-    share_ca(&rig, "cp-1", &["cp-2"]);
     rig.set_link("cp-1", false);
     rig.boot("cp-2");
     // It says what it is waiting for, in systemd and in its journal.
     let status = wait_for("cp-2 to report what it waits for", CONVERGE, || {
         let text = rig.unit("cp-2", BOOTSTRAP).remove("StatusText")?;
-        text.contains("waiting for a healthy etcd cluster")
+        // Its first need is the cluster CAs from cp-1's join service.
+        text.contains("pki-ca: waiting for control-plane material")
             .then_some(text)
     });
     eprintln!("cp-2 while partitioned: {status}");
