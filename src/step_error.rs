@@ -33,6 +33,8 @@ pub enum StepError {
     Services(#[from] crate::services::ServicesError),
     #[error(transparent)]
     Join(#[from] crate::join::JoinError),
+    #[error(transparent)]
+    Ceph(#[from] crate::ceph::CephError),
     #[error("D-Bus call {call} failed: {source}")]
     Dbus {
         call: &'static str,

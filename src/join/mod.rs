@@ -28,6 +28,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ceph::CephBootstrap;
 use crate::config::{ClusterConfig, NodeRole, NodeSpec};
 use crate::pki::CaBundle;
 
@@ -69,6 +70,8 @@ pub enum Purpose {
     Worker,
     /// The shared CA keys, the etcd CA and the service-account key pair.
     ControlPlane,
+    /// The Ceph fsid and the keyring a new monitor's store starts with.
+    CephMon,
 }
 
 impl Purpose {
@@ -76,6 +79,7 @@ impl Purpose {
         match self {
             Purpose::Worker => "worker",
             Purpose::ControlPlane => "control-plane",
+            Purpose::CephMon => "ceph-mon",
         }
     }
 }
@@ -147,6 +151,7 @@ impl fmt::Debug for WorkerMaterial {
 pub enum Material {
     Worker(WorkerMaterial),
     ControlPlane { cas: CaBundle },
+    CephMon(CephBootstrap),
 }
 
 impl Material {
@@ -154,6 +159,7 @@ impl Material {
         match self {
             Material::Worker(_) => Purpose::Worker,
             Material::ControlPlane { .. } => Purpose::ControlPlane,
+            Material::CephMon(_) => Purpose::CephMon,
         }
     }
 }

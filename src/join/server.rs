@@ -134,6 +134,18 @@ impl HostMaterial {
 #[async_trait]
 impl MaterialSource for HostMaterial {
     async fn material(&self, _node: &NodeSpec, purpose: Purpose) -> Result<Material, Unavailable> {
+        if purpose == Purpose::CephMon {
+            return match crate::phases::ceph::read_bootstrap(&self.paths) {
+                Ok(Some(bootstrap)) => Ok(Material::CephMon(bootstrap)),
+                Ok(None) => Err(Unavailable(
+                    "this node's Ceph monitor is not seeded yet".into(),
+                )),
+                Err(e) => Err(Unavailable(format!(
+                    "this node's Ceph record is unreadable: {}",
+                    crate::error_chain(&e)
+                ))),
+            };
+        }
         let cas = self.cas()?;
         match purpose {
             Purpose::ControlPlane => Ok(Material::ControlPlane { cas }),
@@ -151,6 +163,7 @@ impl MaterialSource for HostMaterial {
                     token_expires: token.expires,
                 }))
             }
+            Purpose::CephMon => unreachable!("answered above"),
         }
     }
 }
@@ -460,6 +473,7 @@ impl JoinServer {
 fn entitled(node: &NodeSpec, purpose: Purpose) -> bool {
     match purpose {
         Purpose::ControlPlane => node.has_role(NodeRole::ControlPlane),
+        Purpose::CephMon => node.has_role(NodeRole::CephMon),
         Purpose::Worker => true,
     }
 }

@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::net::TcpStream;
 
 use crate::engine::{Context, Outcome, Phase, Step, StepError};
 use crate::etcd::topology::{self, EtcdRecord, Formation};
@@ -126,32 +125,13 @@ async fn connect(ctx: &Context, endpoints: &[String]) -> Result<EtcdClient, Step
 /// credentials, so it works before this node has any PKI (a re-imaged
 /// master-first). Only a node that founded or joined a cluster runs etcd.
 async fn peer_etcd_listening(ctx: &Context) -> Option<String> {
-    let probes = topology::peer_client_urls(&ctx.config, &ctx.node)
-        .into_iter()
-        .map(|url| async move {
-            let addr = url.trim_start_matches("https://").to_string();
-            match tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(&addr)).await {
-                Ok(Ok(_)) => Some(url),
-                _ => None,
-            }
-        });
-    futures_first_some(probes).await
-}
-
-async fn futures_first_some<F>(probes: impl Iterator<Item = F>) -> Option<String>
-where
-    F: std::future::Future<Output = Option<String>> + Send + 'static,
-{
-    let mut set = tokio::task::JoinSet::new();
-    for p in probes {
-        set.spawn(p);
-    }
-    while let Some(result) = set.join_next().await {
-        if let Ok(Some(url)) = result {
-            return Some(url);
-        }
-    }
-    None
+    let urls = topology::peer_client_urls(&ctx.config, &ctx.node);
+    let addrs = urls
+        .iter()
+        .map(|u| u.trim_start_matches("https://").to_string());
+    let found = super::first_listening(addrs, PROBE_TIMEOUT).await?;
+    urls.into_iter()
+        .find(|u| u.trim_start_matches("https://") == found)
 }
 
 struct Discover;

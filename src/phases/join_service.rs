@@ -1,8 +1,9 @@
-//! Phase `join-service`: every control-plane node runs `cluster-agent
-//! serve-join` as soon as it holds the cluster CAs, so the nodes after it
-//! (additional masters, workers) can fetch what they need from any of them.
-//! It needs etcd's PKI, not Kubernetes: a master whose API server cannot
-//! start still lets the other masters form etcd.
+//! Phase `join-service`: every control-plane and ceph-mon node runs
+//! `cluster-agent serve-join`, so the nodes after it (additional masters,
+//! workers, monitors) can fetch what they need from any of them. It needs
+//! only the `node` phase and serves what is on disk, answering "not yet"
+//! until then: a master whose API server cannot start still lets the other
+//! masters form etcd, and monitors grow without any Kubernetes.
 
 use std::path::Path;
 use std::time::Duration;
@@ -26,7 +27,7 @@ const LISTEN_WAIT: Duration = Duration::from_secs(30);
 pub fn phase() -> Phase {
     Phase {
         name: PHASE,
-        requires: vec![super::etcd::PHASE],
+        requires: vec![super::node::PHASE],
         steps: vec![Box::new(StartJoinService)],
     }
 }

@@ -1,6 +1,7 @@
 //! The runbook: which phases, in which order, for which role. Each phase is a
 //! list of steps executed by [`crate::engine`].
 
+pub mod ceph;
 pub mod control_plane;
 pub mod etcd;
 pub mod join_service;
@@ -15,11 +16,22 @@ use crate::services::Unit;
 /// The plan for a node. Every node runs the `node` phase first; the
 /// Kubernetes and Ceph phases both require only it, so storage never waits
 /// for (or fails with) Kubernetes.
-pub fn build(role: Role, _ceph_role: CephRole) -> Plan {
+pub fn build(role: Role, ceph_role: CephRole) -> Plan {
+    let control_plane = matches!(role, Role::MasterFirst | Role::MasterAdditional);
+    let monitor = ceph_role != CephRole::None;
     let mut phases = vec![node::phase()];
-    if matches!(role, Role::MasterFirst | Role::MasterAdditional) {
+    if control_plane {
         phases.push(etcd::phase());
+    }
+    if monitor {
+        phases.push(ceph::phase());
+    }
+    // After etcd and ceph, so that it usually has something to serve when
+    // it starts; it answers "not yet" (503) until then.
+    if control_plane || monitor {
         phases.push(join_service::phase());
+    }
+    if control_plane {
         phases.push(control_plane::phase());
     }
     Plan { phases }
@@ -32,7 +44,10 @@ pub fn rendered_units(paths: &HostPaths, config: &ClusterConfig, node: &NodeSpec
     let role = crate::role::decide(config, node);
     let mut units = Vec::new();
     units.extend(etcd::rendered_units(paths, config, node, role));
-    if node.is_control_plane() {
+    if node.has_role(crate::config::NodeRole::CephMon) {
+        units.push(ceph::render_unit(paths, node));
+    }
+    if node.is_control_plane() || node.has_role(crate::config::NodeRole::CephMon) {
         units.push(join_service::render_unit(
             paths,
             node,
@@ -40,4 +55,29 @@ pub fn rendered_units(paths: &HostPaths, config: &ClusterConfig, node: &NodeSpec
         ));
     }
     units
+}
+
+/// The first of `addrs` (`host:port`) that accepts a TCP connection within
+/// `timeout`, all probed at once. Needs no credentials, so a node can tell
+/// whether a peer already runs a daemon before it holds any key (the
+/// split-brain guards of etcd and Ceph).
+pub(crate) async fn first_listening(
+    addrs: impl Iterator<Item = String>,
+    timeout: std::time::Duration,
+) -> Option<String> {
+    let mut set = tokio::task::JoinSet::new();
+    for addr in addrs {
+        set.spawn(async move {
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr)).await {
+                Ok(Ok(_)) => Some(addr),
+                _ => None,
+            }
+        });
+    }
+    while let Some(result) = set.join_next().await {
+        if let Ok(Some(addr)) = result {
+            return Some(addr);
+        }
+    }
+    None
 }

@@ -100,7 +100,9 @@ pub struct InstallSection {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct EnvironmentFile {
     pub path: PathBuf,
-    /// `-` prefix: a missing file is not an error.
+    /// `-` prefix: a missing file is not an error. Such a file is the
+    /// operator's (e.g. Debian's `/etc/default/ceph` for `CEPH_ARGS`): the
+    /// agent never writes it, and `vars` stays empty.
     pub optional: bool,
     pub vars: BTreeMap<String, String>,
 }
@@ -264,6 +266,12 @@ impl Unit {
         }
         let mut single_line: Vec<(&str, String)> = vec![("Description", self.description.clone())];
         if let Some(f) = &s.environment_file {
+            if f.optional && !f.vars.is_empty() {
+                return Err(invalid(
+                    "an optional EnvironmentFile is the operator's; the agent writes no variables into it"
+                        .into(),
+                ));
+            }
             single_line.push(("EnvironmentFile", f.path.to_string_lossy().into_owned()));
         }
         if let Some(d) = &s.working_directory {
@@ -750,7 +758,12 @@ pub fn read_env_file(file: &EnvironmentFile) -> Result<BTreeMap<String, String>,
 /// restart of a running service) is due.
 pub fn install_unit(paths: &HostPaths, unit: &Unit) -> Result<bool, ServicesError> {
     let mut changed = false;
-    if let Some(f) = &unit.service.environment_file {
+    if let Some(f) = unit
+        .service
+        .environment_file
+        .as_ref()
+        .filter(|f| !f.optional)
+    {
         changed |= write_if_changed(&f.path, render_env_file(&f.vars).as_bytes(), SECRET_MODE)?;
     }
     let path = unit_path(paths, &unit.name);
@@ -762,6 +775,7 @@ pub fn install_unit(paths: &HostPaths, unit: &Unit) -> Result<bool, ServicesErro
 /// [`install_unit`] would write them.
 pub fn unit_installed(paths: &HostPaths, unit: &Unit) -> Result<bool, ServicesError> {
     if let Some(f) = &unit.service.environment_file
+        && !f.optional
         && !file_matches(&f.path, render_env_file(&f.vars).as_bytes())?
     {
         return Ok(false);

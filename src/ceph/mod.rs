@@ -1,0 +1,475 @@
+//! The one seam to Ceph: keys in Ceph's own format, `ceph.conf` and
+//! keyrings from cluster.yaml, the monitor's admin socket, and the few
+//! Ceph tools the monitor's birth needs (`monmaptool`, `ceph-mon --mkfs`,
+//! `ceph mon getmap`).
+//!
+//! Every path is under `--root`, including the ones ceph.conf names
+//! (`mon_data`, `run_dir`, `admin_socket`, `log_file`), so a test root is
+//! self-contained and a real node gets the standard locations.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::{ClusterConfig, NodeRole, NodeSpec};
+use crate::paths::HostPaths;
+
+pub const CLUSTER: &str = "ceph";
+pub const CONF_FILE: &str = "/etc/ceph/ceph.conf";
+pub const ADMIN_KEYRING: &str = "/etc/ceph/ceph.client.admin.keyring";
+pub const BOOTSTRAP_OSD_KEYRING: &str = "/var/lib/ceph/bootstrap-osd/ceph.keyring";
+/// Debian's ceph units read it too; the place for `CEPH_ARGS` overrides.
+pub const DEFAULTS_FILE: &str = "/etc/default/ceph";
+pub const MON_BINARY: &str = "/usr/bin/ceph-mon";
+pub const MSGR2_PORT: u16 = 3300;
+pub const MSGR1_PORT: u16 = 6789;
+/// `CEPH_CRYPTO_AES`, the only key type Ceph uses for cephx.
+const KEY_TYPE_AES: u16 = 1;
+const KEY_SECRET_LEN: usize = 16;
+/// A `ceph` CLI call gives up on an unreachable quorum after this.
+const CLI_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CephError {
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("cannot run `{program}`: {source}; this image must ship ceph-mon and ceph-common")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin socket {}: {reason}", path.display())]
+    AdminSocket { path: PathBuf, reason: String },
+    #[error("{} is not a keyring we can use: {reason}", path.display())]
+    Keyring { path: PathBuf, reason: String },
+}
+
+/// A cephx secret in Ceph's encoding: base64 of type (u16), creation time
+/// (u32 seconds, u32 nanoseconds), length (u16) and 16 random bytes, all
+/// little-endian — what `ceph-authtool --gen-print-key` prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CephKey(String);
+
+impl fmt::Debug for CephKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CephKey(..)")
+    }
+}
+
+impl CephKey {
+    pub fn generate() -> CephKey {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let secret: [u8; KEY_SECRET_LEN] = rand::random();
+        let mut raw = Vec::with_capacity(12 + KEY_SECRET_LEN);
+        raw.extend_from_slice(&KEY_TYPE_AES.to_le_bytes());
+        raw.extend_from_slice(&(now.as_secs() as u32).to_le_bytes());
+        raw.extend_from_slice(&now.subsec_nanos().to_le_bytes());
+        raw.extend_from_slice(&(KEY_SECRET_LEN as u16).to_le_bytes());
+        raw.extend_from_slice(&secret);
+        CephKey(B64.encode(raw))
+    }
+
+    /// Accepts exactly what [`CephKey::generate`] produces.
+    pub fn parse(text: &str) -> Option<CephKey> {
+        let raw = B64.decode(text.trim()).ok()?;
+        let ok = raw.len() == 12 + KEY_SECRET_LEN
+            && raw[0..2] == KEY_TYPE_AES.to_le_bytes()
+            && raw[10..12] == (KEY_SECRET_LEN as u16).to_le_bytes();
+        ok.then(|| CephKey(text.trim().to_string()))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One keyring entry: who, their key, their capabilities.
+pub struct KeyringEntry<'a> {
+    pub entity: &'a str,
+    pub key: &'a CephKey,
+    pub caps: &'a [(&'a str, &'a str)],
+}
+
+pub fn render_keyring(entries: &[KeyringEntry<'_>]) -> String {
+    let mut out = String::new();
+    for e in entries {
+        out.push_str(&format!("[{}]\n\tkey = {}\n", e.entity, e.key.expose()));
+        for (service, cap) in e.caps {
+            out.push_str(&format!("\tcaps {service} = \"{cap}\"\n"));
+        }
+    }
+    out
+}
+
+/// The key of `entity` in keyring text.
+pub fn keyring_key(text: &str, entity: &str) -> Option<CephKey> {
+    let header = format!("[{entity}]");
+    let mut in_section = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_section = line == header;
+        } else if in_section && let Some(value) = line.strip_prefix("key") {
+            return CephKey::parse(value.trim_start().strip_prefix('=')?);
+        }
+    }
+    None
+}
+
+pub const ADMIN_CAPS: &[(&str, &str)] = &[
+    ("mds", "allow *"),
+    ("mgr", "allow *"),
+    ("mon", "allow *"),
+    ("osd", "allow *"),
+];
+pub const MON_CAPS: &[(&str, &str)] = &[("mon", "allow *")];
+pub const BOOTSTRAP_OSD_CAPS: &[(&str, &str)] =
+    &[("mgr", "allow r"), ("mon", "profile bootstrap-osd")];
+
+/// The monitor id of a node: its name, as Ceph's own tools use hostnames.
+pub fn mon_id(node: &NodeSpec) -> &str {
+    &node.name
+}
+
+pub fn mon_data_dir(paths: &HostPaths, node: &NodeSpec) -> PathBuf {
+    paths.host(format!("/var/lib/ceph/mon/{CLUSTER}-{}", mon_id(node)))
+}
+
+pub fn admin_socket(paths: &HostPaths, node: &NodeSpec) -> PathBuf {
+    paths.host(format!("/run/ceph/{CLUSTER}-mon.{}.asok", mon_id(node)))
+}
+
+/// `[v2:IP:3300,v1:IP:6789]` of one monitor.
+pub fn mon_addrs(node: &NodeSpec) -> String {
+    format!("[v2:{ip}:{MSGR2_PORT},v1:{ip}:{MSGR1_PORT}]", ip = node.ip)
+}
+
+/// ceph.conf for this cluster, identical on every node for the same fsid
+/// and root. `mon_host` names every monitor of cluster.yaml, so clients and
+/// new monitors find the quorum wherever it currently is.
+pub fn render_conf(paths: &HostPaths, config: &ClusterConfig, fsid: &str) -> String {
+    let ceph = config
+        .cluster
+        .ceph
+        .as_ref()
+        .expect("validation: ceph-mon nodes need a ceph section");
+    let mons = crate::role::ordered_nodes(config, NodeRole::CephMon);
+    let host = |p: &str| paths.host(p).to_string_lossy().into_owned();
+    format!(
+        "# Written by cluster-agent from cluster.yaml; edit the configuration, not this file.\n\
+         [global]\n\
+         fsid = {fsid}\n\
+         mon_host = {mon_host}\n\
+         public_network = {public}\n\
+         cluster_network = {cluster}\n\
+         auth_cluster_required = cephx\n\
+         auth_service_required = cephx\n\
+         auth_client_required = cephx\n\
+         auth_allow_insecure_global_id_reclaim = false\n\
+         ms_bind_ipv6 = false\n\
+         run_dir = {run}\n\
+         admin_socket = {run}/$cluster-$name.asok\n\
+         log_file = {log}/$cluster-$name.log\n\
+         \n\
+         [mon]\n\
+         mon_data = {mon}/$cluster-$id\n",
+        mon_host = mons
+            .iter()
+            .map(|n| mon_addrs(n))
+            .collect::<Vec<_>>()
+            .join(","),
+        public = ceph.public_network,
+        cluster = ceph.cluster_network,
+        run = host("/run/ceph"),
+        log = host("/var/log/ceph"),
+        mon = host("/var/lib/ceph/mon"),
+    )
+}
+
+/// A fresh fsid (UUID v4).
+pub fn generate_fsid() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// What a monitor's admin socket says about it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MonStatus {
+    pub name: String,
+    /// `probing`, `synchronizing`, `electing`, `leader`, `peon`.
+    pub state: String,
+    pub quorum: Vec<u32>,
+    pub monmap: MonMap,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MonMap {
+    pub fsid: String,
+    pub mons: Vec<MonMapEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MonMapEntry {
+    pub name: String,
+    pub rank: u32,
+}
+
+impl MonStatus {
+    pub fn in_quorum(&self) -> bool {
+        matches!(self.state.as_str(), "leader" | "peon")
+    }
+
+    /// Names of the monitors in quorum.
+    pub fn quorum_names(&self) -> Vec<String> {
+        self.monmap
+            .mons
+            .iter()
+            .filter(|m| self.quorum.contains(&m.rank))
+            .map(|m| m.name.clone())
+            .collect()
+    }
+}
+
+/// `mon_status` through the monitor's admin socket: local, no auth, no
+/// Python start-up (the `ceph` CLI costs ~0.3 s per call). The protocol:
+/// the command as JSON and a NUL; the answer is a big-endian u32 length and
+/// that many bytes.
+pub async fn mon_status(socket: &Path) -> Result<MonStatus, CephError> {
+    let fail = |reason: String| CephError::AdminSocket {
+        path: socket.to_path_buf(),
+        reason,
+    };
+    let exchange = async {
+        let mut stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|e| fail(format!("connect: {e}")))?;
+        stream
+            .write_all(b"{\"prefix\": \"mon_status\"}\0")
+            .await
+            .map_err(|e| fail(format!("write: {e}")))?;
+        let len = stream
+            .read_u32()
+            .await
+            .map_err(|e| fail(format!("read: {e}")))?;
+        if len > 16 * 1024 * 1024 {
+            return Err(fail(format!("answer of {len} bytes")));
+        }
+        let mut body = vec![0u8; len as usize];
+        stream
+            .read_exact(&mut body)
+            .await
+            .map_err(|e| fail(format!("read: {e}")))?;
+        serde_json::from_slice(&body).map_err(|e| fail(format!("not mon_status JSON: {e}")))
+    };
+    tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .unwrap_or_else(|_| Err(fail("no answer within 2 s".into())))
+}
+
+/// Runs a Ceph tool; its stderr tail goes into the error.
+async fn run(
+    program: &str,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, String)],
+) -> Result<Vec<u8>, CephError> {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().await.map_err(|source| CephError::Spawn {
+        program: program.to_string(),
+        source,
+    })?;
+    if out.status.success() {
+        return Ok(out.stdout);
+    }
+    // ceph-mon reports some failures on stdout.
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let tail: Vec<&str> = output.lines().rev().take(5).collect();
+    Err(CephError::Command {
+        command: std::iter::once(program.to_string())
+            .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
+            .collect::<Vec<_>>()
+            .join(" "),
+        status: out.status.to_string(),
+        stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
+    })
+}
+
+/// A monmap holding only `node`: the seed of a new cluster.
+pub async fn create_seed_monmap(out: &Path, fsid: &str, node: &NodeSpec) -> Result<(), CephError> {
+    let addrs = mon_addrs(node);
+    run(
+        "monmaptool",
+        &[
+            "--create".as_ref(),
+            "--clobber".as_ref(),
+            "--enable-all-features".as_ref(),
+            "--fsid".as_ref(),
+            fsid.as_ref(),
+            "--addv".as_ref(),
+            mon_id(node).as_ref(),
+            addrs.as_ref(),
+            out.as_os_str(),
+        ],
+        &[],
+    )
+    .await
+    .map(drop)
+}
+
+/// The cluster's current monmap, from the quorum, with the admin key.
+pub async fn fetch_monmap(conf: &Path, admin_keyring: &Path, out: &Path) -> Result<(), CephError> {
+    let timeout = CLI_CONNECT_TIMEOUT.as_secs().to_string();
+    run(
+        "ceph",
+        &[
+            "--connect-timeout".as_ref(),
+            timeout.as_ref(),
+            "-c".as_ref(),
+            conf.as_os_str(),
+            "mon".as_ref(),
+            "getmap".as_ref(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ],
+        // Keeps the CLI from warning about (and reading) /etc/ceph keyrings.
+        &[(
+            "CEPH_ARGS",
+            format!("--keyring {}", admin_keyring.display()),
+        )],
+    )
+    .await
+    .map(drop)
+}
+
+/// `ceph-mon --mkfs`: the monitor's store, from a monmap and the keyring
+/// whose keys it starts with.
+pub async fn mkfs(
+    conf: &Path,
+    node: &NodeSpec,
+    monmap: &Path,
+    keyring: &Path,
+) -> Result<(), CephError> {
+    let ip = node.ip.to_string();
+    run(
+        MON_BINARY,
+        &[
+            "--mkfs".as_ref(),
+            "--cluster".as_ref(),
+            CLUSTER.as_ref(),
+            "-c".as_ref(),
+            conf.as_os_str(),
+            "-i".as_ref(),
+            mon_id(node).as_ref(),
+            "--monmap".as_ref(),
+            monmap.as_os_str(),
+            "--keyring".as_ref(),
+            keyring.as_os_str(),
+            // Otherwise it looks for an interface address inside
+            // public_network, which a node with several may not resolve
+            // to the one cluster.yaml names.
+            "--public-addr".as_ref(),
+            ip.as_ref(),
+        ],
+        &[],
+    )
+    .await
+    .map(drop)
+}
+
+/// What a monitor joining the quorum gets from one already in it (through
+/// the join service), sealed like the control-plane CA material.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CephBootstrap {
+    pub fsid: String,
+    /// `mon.`, `client.admin` and `client.bootstrap-osd` with their caps:
+    /// what a new monitor's store starts with.
+    pub mon_keyring: String,
+}
+
+impl fmt::Debug for CephBootstrap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CephBootstrap")
+            .field("fsid", &self.fsid)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_have_cephs_layout_and_differ() {
+        let a = CephKey::generate();
+        let raw = B64.decode(a.expose()).unwrap();
+        assert_eq!(raw.len(), 28);
+        assert_eq!(&raw[0..2], &[1, 0]);
+        assert_eq!(&raw[10..12], &[16, 0]);
+        assert_ne!(a, CephKey::generate());
+        assert_eq!(CephKey::parse(a.expose()), Some(a.clone()));
+        assert!(CephKey::parse("AQAAAAAAAAAAAA==").is_none());
+        assert_eq!(format!("{a:?}"), "CephKey(..)");
+    }
+
+    #[test]
+    fn keyring_round_trips_per_entity() {
+        let mon = CephKey::generate();
+        let admin = CephKey::generate();
+        let text = render_keyring(&[
+            KeyringEntry {
+                entity: "mon.",
+                key: &mon,
+                caps: MON_CAPS,
+            },
+            KeyringEntry {
+                entity: "client.admin",
+                key: &admin,
+                caps: ADMIN_CAPS,
+            },
+        ]);
+        assert_eq!(keyring_key(&text, "mon."), Some(mon));
+        assert_eq!(keyring_key(&text, "client.admin"), Some(admin));
+        assert_eq!(keyring_key(&text, "client.bootstrap-osd"), None);
+        assert!(text.contains("caps mon = \"allow *\""), "{text}");
+    }
+
+    #[test]
+    fn fsid_is_a_v4_uuid() {
+        let f = generate_fsid();
+        assert_eq!(f.len(), 36);
+        assert_eq!(&f[14..15], "4");
+        assert!("89ab".contains(&f[19..20]), "{f}");
+        assert_ne!(f, generate_fsid());
+    }
+}

@@ -1,0 +1,299 @@
+//! The Ceph phase against Debian's real ceph-mon 16.2: monitors on their own
+//! 127.x addresses, each a `cluster-agent run --services process` under its
+//! own root. Checked with the `ceph` CLI and `ceph-authtool`.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use support::etcd::{finish, run_ok, spawn_run};
+use support::{Cluster, journal_outcome, text};
+
+const SIGABRT: i32 = 6;
+const CEPH_STEPS: &[&str] = &[
+    "ceph-discover",
+    "ceph-keys",
+    "ceph-conf",
+    "ceph-mon-mkfs",
+    "ceph-mon-config",
+    "ceph-mon-start",
+];
+
+/// `names` as monitor-only nodes, plus the control-plane node every
+/// configuration needs (listed, never run: storage does not need it).
+fn mons(names: &[&'static str]) -> Cluster {
+    let mut spec: Vec<(&str, &[&str])> = vec![("cp-0", &["control-plane"][..])];
+    spec.extend(names.iter().map(|n| (*n, &["ceph-mon"][..])));
+    let c = Cluster::new(&spec);
+    for n in names {
+        // The test machines' disks are fuller than Ceph's 30 % free-space
+        // warning allows; operators set such overrides the same way.
+        let defaults = c.root(n).join("etc/default/ceph");
+        std::fs::create_dir_all(defaults.parent().unwrap()).unwrap();
+        std::fs::write(&defaults, "CEPH_ARGS=\"--mon_data_avail_warn=1\"\n").unwrap();
+    }
+    c
+}
+
+/// `ceph` as an operator on `node` runs it: its ceph.conf and admin key.
+fn ceph(c: &Cluster, node: &str, args: &[&str]) -> Output {
+    let root = c.root(node);
+    Command::new("ceph")
+        .arg("--connect-timeout")
+        .arg("20")
+        .arg("-c")
+        .arg(root.join("etc/ceph/ceph.conf"))
+        .args(args)
+        .env(
+            "CEPH_ARGS",
+            format!(
+                "--keyring {}",
+                root.join("etc/ceph/ceph.client.admin.keyring").display()
+            ),
+        )
+        .output()
+        .unwrap()
+}
+
+fn ceph_json(c: &Cluster, node: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["-f", "json"]);
+    let out = ceph(c, node, &all);
+    assert!(
+        out.status.success(),
+        "ceph {args:?} via {node}: {}",
+        text(&out)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn fsid(c: &Cluster, node: &str) -> String {
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(c.state_dir(node).join("ceph-bootstrap.json")).unwrap(),
+    )
+    .unwrap();
+    record["fsid"].as_str().unwrap().to_string()
+}
+
+/// One cluster, exactly `nodes` in its monmap and quorum, one fsid on
+/// every node, every Ceph step done, `HEALTH_OK`.
+fn assert_quorum(c: &Cluster, nodes: &[&str]) {
+    let status = ceph_json(c, nodes[0], &["quorum_status"]);
+    let mut quorum: Vec<String> = status["quorum_names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect();
+    quorum.sort();
+    assert_eq!(quorum, nodes, "{status:#}");
+    let monmap: Vec<&str> = status["monmap"]["mons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(monmap.len(), nodes.len(), "no monitor twice: {monmap:?}");
+    let cluster_fsid = status["monmap"]["fsid"].as_str().unwrap();
+    for node in nodes {
+        assert_eq!(fsid(c, node), cluster_fsid, "{node}");
+        let done: Vec<_> = journal_outcome(&c.journal(node))
+            .into_iter()
+            .filter(|(s, _)| s.starts_with("ceph-"))
+            .collect();
+        assert!(done.iter().all(|(_, st)| st == "done"), "{node}: {done:?}");
+        for key in [
+            "etc/ceph/ceph.client.admin.keyring",
+            "var/lib/ceph/bootstrap-osd/ceph.keyring",
+            "var/lib/cluster-state/ceph-mon.keyring",
+        ] {
+            let mode = std::fs::metadata(c.root(node).join(key))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{node}: {key}");
+        }
+    }
+    // Health settles a moment after quorum; poll, never sleep blindly.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let health = ceph_json(c, nodes[0], &["health"]);
+        if health["status"] == "HEALTH_OK" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{health:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn first_monitor_seeds_a_healthy_cluster() {
+    let c = mons(&["m-1"]);
+    run_ok(&c, "m-1");
+    assert_quorum(&c, &["m-1"]);
+    let s = ceph(&c, "m-1", &["-s"]);
+    assert!(text(&s).contains("HEALTH_OK"), "{}", text(&s));
+
+    // The keys we generated are keys ceph-authtool accepts as its own.
+    let keyring = c.state_dir("m-1").join("ceph-mon.keyring");
+    for entity in ["mon.", "client.admin", "client.bootstrap-osd"] {
+        let out = Command::new("ceph-authtool")
+            .arg(&keyring)
+            .args(["-n", entity, "-p"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{entity}: {}", text(&out));
+        let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let copy = c.root("m-1").join("authtool.keyring");
+        let add = Command::new("ceph-authtool")
+            .arg("-C")
+            .arg(&copy)
+            .args(["-n", "client.check", "--add-key", &key])
+            .output()
+            .unwrap();
+        assert!(add.status.success(), "{entity}: {}", text(&add));
+    }
+    // And the cluster authenticates with them: `auth get` as client.admin.
+    let auth = ceph_json(&c, "m-1", &["auth", "get", "client.bootstrap-osd"]);
+    assert_eq!(auth[0]["entity"], "client.bootstrap-osd", "{auth:#}");
+
+    // A second run changes nothing.
+    let before = fsid(&c, "m-1");
+    run_ok(&c, "m-1");
+    assert_eq!(fsid(&c, "m-1"), before);
+    assert_quorum(&c, &["m-1"]);
+}
+
+#[test]
+fn three_monitors_started_together_form_one_quorum() {
+    let c = mons(&["m-1", "m-2", "m-3"]);
+    let children: Vec<_> = ["m-3", "m-2", "m-1"]
+        .iter()
+        .map(|n| (*n, spawn_run(&c, n, None)))
+        .collect();
+    for (node, child) in children {
+        finish(node, child);
+    }
+    assert_quorum(&c, &["m-1", "m-2", "m-3"]);
+    // Re-runs add no monitor.
+    run_ok(&c, "m-2");
+    run_ok(&c, "m-1");
+    assert_quorum(&c, &["m-1", "m-2", "m-3"]);
+}
+
+fn crash_then_converge(c: &Cluster, node: &str, at: &str) {
+    let out = spawn_run(c, node, Some(at)).wait_with_output().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(SIGABRT),
+        "{at}: did not crash there: {}",
+        text(&out)
+    );
+    run_ok(c, node);
+}
+
+#[test]
+fn a_crash_at_any_seed_step_converges_on_one_cluster() {
+    for step in CEPH_STEPS {
+        for when in ["before", "after"] {
+            let c = mons(&["m-1"]);
+            crash_then_converge(&c, "m-1", &format!("{step}:{when}"));
+            assert_quorum(&c, &["m-1"]);
+        }
+    }
+}
+
+#[test]
+fn a_crash_at_any_join_step_converges_without_a_second_monitor_entry() {
+    let c = mons(&["m-1", "m-2"]);
+    run_ok(&c, "m-1");
+    let seeded = fsid(&c, "m-1");
+    // Each crash point in turn on the same joiner: the later runs resume
+    // whatever the earlier ones left.
+    for step in CEPH_STEPS {
+        let out = spawn_run(&c, "m-2", Some(&format!("{step}:after")))
+            .wait_with_output()
+            .unwrap();
+        let crashed = std::os::unix::process::ExitStatusExt::signal(&out.status) == Some(SIGABRT);
+        let already_done = out.status.success();
+        assert!(crashed || already_done, "{step}: {}", text(&out));
+    }
+    run_ok(&c, "m-2");
+    assert_quorum(&c, &["m-1", "m-2"]);
+    assert_eq!(fsid(&c, "m-2"), seeded);
+}
+
+#[test]
+fn a_half_initialised_store_is_made_again() {
+    let c = mons(&["m-1"]);
+    crash_then_converge(&c, "m-1", "ceph-mon-mkfs:before");
+    assert_quorum(&c, &["m-1"]);
+    let c = mons(&["m-1"]);
+    let out = spawn_run(&c, "m-1", Some("ceph-mon-mkfs:before"))
+        .wait_with_output()
+        .unwrap();
+    assert!(!out.status.success());
+    // What a power cut in the middle of mkfs leaves: a store without our
+    // completion mark, with junk in it.
+    let store = c.root("m-1").join("var/lib/ceph/mon/ceph-m-1");
+    std::fs::create_dir_all(store.join("store.db")).unwrap();
+    std::fs::write(store.join("store.db/CURRENT"), b"garbage").unwrap();
+    std::fs::write(store.join("keyring"), b"[mon.]\n\tkey = x\n").unwrap();
+    run_ok(&c, "m-1");
+    assert_quorum(&c, &["m-1"]);
+}
+
+#[test]
+fn sigkill_at_random_moments_of_a_join_converges() {
+    let c = mons(&["m-1", "m-2"]);
+    run_ok(&c, "m-1");
+    for round in 0..3u64 {
+        let mut child = spawn_run(&c, "m-2", None);
+        // Spread over the join's ~6 s (monmap fetch, mkfs, election).
+        let delay = Duration::from_millis(300 + (round * 1700 + rand::random::<u64>() % 900));
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    run_ok(&c, "m-2");
+    assert_quorum(&c, &["m-1", "m-2"]);
+}
+
+/// Storage does not wait for Kubernetes: a node with both roles whose
+/// control plane cannot be built (no join secret for the etcd CA fetch
+/// here: it is an additional master whose first master never comes) still
+/// seeds its monitor, and `run` names the failed phase.
+#[test]
+fn monitors_seed_when_the_kubernetes_side_fails() {
+    let c = Cluster::new(&[
+        ("cp-1", &["control-plane"]),
+        ("cp-2", &["control-plane", "ceph-mon"]),
+    ]);
+    let defaults = c.root("cp-2").join("etc/default/ceph");
+    std::fs::create_dir_all(defaults.parent().unwrap()).unwrap();
+    std::fs::write(&defaults, "CEPH_ARGS=\"--mon_data_avail_warn=1\"\n").unwrap();
+    // cp-1 never runs, so cp-2's etcd join cannot get the CAs; make it fail
+    // fast instead of waiting out its deadline.
+    std::fs::remove_file(c.config_dir("cp-2").join("secrets/join-secret")).unwrap();
+    let out = c.run("cp-2", &["run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("etcd"),
+        "names the failed phase: {}",
+        text(&out)
+    );
+    let outcome = journal_outcome(&c.journal("cp-2"));
+    let ceph_done = outcome
+        .iter()
+        .filter(|(s, _)| s.starts_with("ceph-"))
+        .all(|(_, st)| st == "done");
+    assert!(ceph_done, "{outcome:?}");
+    let status = ceph_json(&c, "cp-2", &["quorum_status"]);
+    assert_eq!(
+        status["quorum_names"],
+        serde_json::json!(["cp-2"]),
+        "{status:#}"
+    );
+}
