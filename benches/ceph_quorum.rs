@@ -1,0 +1,345 @@
+//! Ceph quorum formation: the agent against the raw daemon steps, timed in
+//! the same run on the same machine (release build).
+//!
+//! * agent, first quorum: `cluster-agent run` on the first monitor, from
+//!   process start to the moment its `ceph-mon-start` step recorded the
+//!   monitor in quorum (journal `finished_at`);
+//! * agent, quorum of three: that, plus the same for the second and third
+//!   monitors run one after the other (each fetching fsid and keyring
+//!   through the first one's join service);
+//! * raw: what an operator's script does with Ceph's own tools —
+//!   `ceph-authtool` keys, ceph.conf, `monmaptool`, `ceph-mon --mkfs`, start,
+//!   poll the admin socket until in quorum; growing: `ceph mon getmap`,
+//!   mkfs, start, poll.
+//!
+//! `CEPH_BENCH_RUNS` (default 3) runs; medians are printed with the ratio
+//! agent / raw (target ≤ 1.2).
+//!
+//! The agent runs with the process backend (no systemd here), whose start
+//! of a `Type=simple` unit watches the process for a 300 ms settle window
+//! to report an immediate crash with its log; systemd's start returns at
+//! fork. The first-quorum line therefore also prints the first monitor's
+//! `ceph-mon-start` step alone.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use support::Cluster;
+
+const MONS: [&str; 3] = ["m-1", "m-2", "m-3"];
+
+fn main() {
+    let runs: usize = std::env::var("CEPH_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (mut agent_first, mut agent_three, mut raw_first, mut raw_three) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 0..runs {
+        let (first, three) = agent(run);
+        let (rfirst, rthree) = rt.block_on(raw());
+        println!(
+            "run {run}: agent first {:>6.0} ms, three {:>6.0} ms | raw first {:>6.0} ms, three {:>6.0} ms",
+            ms(first),
+            ms(three),
+            ms(rfirst),
+            ms(rthree)
+        );
+        agent_first.push(first);
+        agent_three.push(three);
+        raw_first.push(rfirst);
+        raw_three.push(rthree);
+    }
+    let (af, at, rf, rt3) = (
+        median(agent_first),
+        median(agent_three),
+        median(raw_first),
+        median(raw_three),
+    );
+    println!(
+        "median first quorum:     agent {:>6.0} ms  raw {:>6.0} ms  ratio {:.2}",
+        ms(af),
+        ms(rf),
+        af.as_secs_f64() / rf.as_secs_f64()
+    );
+    println!(
+        "median quorum of three:  agent {:>6.0} ms  raw {:>6.0} ms  ratio {:.2}",
+        ms(at),
+        ms(rt3),
+        at.as_secs_f64() / rt3.as_secs_f64()
+    );
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Agent: time from process start to "in quorum" per monitor.
+fn agent(run: usize) -> (Duration, Duration) {
+    let spec: Vec<(&str, &[&str])> = std::iter::once(("cp-0", &["control-plane"][..]))
+        .chain(MONS.iter().map(|m| (*m, &["ceph-mon"][..])))
+        .collect();
+    let c = Cluster::new(&spec);
+    let mut total = Duration::ZERO;
+    let mut first = Duration::ZERO;
+    let stamp = |step: &serde_json::Value, field: &str| -> SystemTime {
+        time::OffsetDateTime::parse(
+            step[field].as_str().expect("stamped"),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+        .into()
+    };
+    for (i, node) in MONS.iter().enumerate() {
+        let started = SystemTime::now();
+        let out = c.run(node, &["run"]);
+        assert!(
+            out.status.success(),
+            "run {run} {node}: {}",
+            support::text(&out)
+        );
+        let journal = c.journal(node);
+        let step = journal["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "ceph-mon-start")
+            .expect("ceph-mon-start recorded")
+            .clone();
+        let took = stamp(&step, "finished_at").duration_since(started).unwrap();
+        if i == 0 {
+            first = took;
+            let start_step = stamp(&step, "finished_at")
+                .duration_since(stamp(&step, "started_at"))
+                .unwrap();
+            println!(
+                "run {run}: first monitor's ceph-mon-start step (start + quorum) {:.0} ms",
+                ms(start_step)
+            );
+        }
+        total += took;
+    }
+    (first, total)
+}
+
+struct RawMon {
+    child: Child,
+}
+
+impl Drop for RawMon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tool(program: &str, args: &[&str], env: &[(&str, String)]) {
+    let out = Command::new(program)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        support::text(&out)
+    );
+}
+
+async fn wait_quorum(asok: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut delay = Duration::from_millis(5);
+    loop {
+        if let Ok(s) = cluster_agent::ceph::mon_status(asok).await
+            && s.in_quorum()
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "raw monitor never in quorum");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// The raw steps, for three monitors on their own loopback /24.
+async fn raw() -> (Duration, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let subnet = support::loopback_subnet();
+    let ip = |i: usize| format!("127.{subnet}.0.{}", 21 + i);
+    let p = |rel: &str| -> String { d.join(rel).to_string_lossy().into_owned() };
+    for sub in ["run", "log", "mon"] {
+        std::fs::create_dir_all(d.join(sub)).unwrap();
+    }
+    let conf = p("ceph.conf");
+    let fsid = cluster_agent::ceph::generate_fsid();
+    let mon_host: Vec<String> = (0..3)
+        .map(|i| format!("[v2:{}:3300,v1:{}:6789]", ip(i), ip(i)))
+        .collect();
+    let keyring = p("mon.keyring");
+    let asok = |i: usize| PathBuf::from(p(&format!("run/ceph-mon.r{i}.asok")));
+    let start_mon = |i: usize| -> RawMon {
+        let id = format!("r{i}");
+        RawMon {
+            child: Command::new("ceph-mon")
+                .args([
+                    "-f",
+                    "--cluster",
+                    "ceph",
+                    "--id",
+                    &id,
+                    "-c",
+                    &conf,
+                    "--public-addr",
+                    &ip(i),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        }
+    };
+    let mkfs = |i: usize, monmap: &str| {
+        let id = format!("r{i}");
+        tool(
+            "ceph-mon",
+            &[
+                "--mkfs",
+                "--cluster",
+                "ceph",
+                "-c",
+                &conf,
+                "-i",
+                &id,
+                "--monmap",
+                monmap,
+                "--keyring",
+                &keyring,
+                "--public-addr",
+                &ip(i),
+            ],
+            &[],
+        );
+    };
+
+    let t0 = Instant::now();
+    tool(
+        "ceph-authtool",
+        &[
+            "--create-keyring",
+            &keyring,
+            "--gen-key",
+            "-n",
+            "mon.",
+            "--cap",
+            "mon",
+            "allow *",
+        ],
+        &[],
+    );
+    tool(
+        "ceph-authtool",
+        &[
+            &keyring,
+            "--gen-key",
+            "-n",
+            "client.admin",
+            "--cap",
+            "mon",
+            "allow *",
+            "--cap",
+            "osd",
+            "allow *",
+            "--cap",
+            "mds",
+            "allow *",
+            "--cap",
+            "mgr",
+            "allow *",
+        ],
+        &[],
+    );
+    tool(
+        "ceph-authtool",
+        &[
+            &keyring,
+            "--gen-key",
+            "-n",
+            "client.bootstrap-osd",
+            "--cap",
+            "mon",
+            "profile bootstrap-osd",
+            "--cap",
+            "mgr",
+            "allow r",
+        ],
+        &[],
+    );
+    std::fs::write(
+        &conf,
+        format!(
+            "[global]\nfsid = {fsid}\nmon_host = {}\npublic_network = 127.{subnet}.0.0/24\nauth_cluster_required = cephx\nauth_service_required = cephx\nauth_client_required = cephx\nms_bind_ipv6 = false\nrun_dir = {run}\nadmin_socket = {run}/$cluster-$name.asok\nlog_file = {log}/$cluster-$name.log\n[mon]\nmon_data = {mon}/$cluster-$id\n",
+            mon_host.join(","),
+            run = p("run"),
+            log = p("log"),
+            mon = p("mon"),
+        ),
+    )
+    .unwrap();
+    let seed = p("seed.monmap");
+    tool(
+        "monmaptool",
+        &[
+            "--create",
+            "--enable-all-features",
+            "--fsid",
+            &fsid,
+            "--addv",
+            "r0",
+            &mon_host[0],
+            &seed,
+        ],
+        &[],
+    );
+    mkfs(0, &seed);
+    let mut mons = vec![start_mon(0)];
+    wait_quorum(&asok(0)).await;
+    let first = t0.elapsed();
+
+    let mut three = first;
+    for i in 1..3 {
+        let t = Instant::now();
+        let current = p(&format!("current-{i}.monmap"));
+        tool(
+            "ceph",
+            &[
+                "--connect-timeout",
+                "10",
+                "-c",
+                &conf,
+                "mon",
+                "getmap",
+                "-o",
+                &current,
+            ],
+            // The monitor keyring holds client.admin too.
+            &[("CEPH_ARGS", format!("--keyring {keyring}"))],
+        );
+        mkfs(i, &current);
+        mons.push(start_mon(i));
+        wait_quorum(&asok(i)).await;
+        three += t.elapsed();
+    }
+    drop(mons);
+    (first, three)
+}
