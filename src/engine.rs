@@ -24,6 +24,10 @@ pub enum Outcome {
     Done,
     /// The step does not apply here; the reason is recorded and shown.
     Skipped(String),
+    /// Neither this step nor the rest of its phase applies here (an image
+    /// without the phase's programs); all are recorded as skipped, with
+    /// the reason, and the phase counts as succeeded.
+    SkipRest(String),
 }
 
 #[async_trait]
@@ -254,8 +258,18 @@ async fn run_phase(
     ctx: &Context,
     crash: &Option<CrashPoint>,
 ) -> Result<Result<(), String>, StateError> {
+    let mut skip_rest: Option<String> = None;
     for step in &phase.steps {
         let name = step.name();
+        if let Some(reason) = &skip_rest {
+            let reason = reason.clone();
+            ctx.progress.update(name, |r| {
+                r.status = StepStatus::Skipped;
+                r.finished_at = now();
+                r.note = Some(reason);
+            })?;
+            continue;
+        }
         ctx.progress.enter(phase.name, name);
         CrashPoint::trigger(crash, name, false);
         match step.check(ctx).await {
@@ -291,6 +305,9 @@ async fn run_phase(
         tracing::info!(step = name, "{name}: applying");
         match step.apply(ctx).await {
             Ok(outcome) => {
+                if let Outcome::SkipRest(reason) = &outcome {
+                    skip_rest = Some(format!("skipped with {name}: {reason}"));
+                }
                 CrashPoint::trigger(crash, name, true);
                 ctx.progress.update(name, |r| {
                     r.finished_at = now();
@@ -298,7 +315,7 @@ async fn run_phase(
                     r.last_error = None;
                     match outcome {
                         Outcome::Done => r.status = StepStatus::Done,
-                        Outcome::Skipped(reason) => {
+                        Outcome::Skipped(reason) | Outcome::SkipRest(reason) => {
                             tracing::warn!(step = name, "{name}: skipped: {reason}");
                             r.status = StepStatus::Skipped;
                             r.note = Some(reason);

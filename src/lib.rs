@@ -7,6 +7,7 @@ pub mod engine;
 pub mod fsutil;
 pub mod identity;
 pub mod join;
+pub mod k8s;
 pub mod notify;
 pub mod paths;
 pub mod phases;

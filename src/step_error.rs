@@ -35,6 +35,8 @@ pub enum StepError {
     Join(#[from] crate::join::JoinError),
     #[error(transparent)]
     Ceph(#[from] crate::ceph::CephError),
+    #[error(transparent)]
+    K8s(#[from] crate::k8s::K8sError),
     #[error("D-Bus call {call} failed: {source}")]
     Dbus {
         call: &'static str,

@@ -64,7 +64,23 @@ fn crash_at_every_step_then_rerun_converges() {
     let out = reference.run("w-1", &["run"]);
     assert!(out.status.success(), "{}", text(&out));
     let want = journal_outcome(&reference.journal("w-1"));
-    let steps = plan_steps(&reference, "w-1");
+    // Steps skipped because an earlier one skipped the rest of its phase
+    // (no kubelet in this root) never run, so they cannot crash.
+    let never_run: Vec<String> = reference.journal("w-1")["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["note"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("skipped with "))
+        })
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    let steps: Vec<String> = plan_steps(&reference, "w-1")
+        .into_iter()
+        .filter(|s| !never_run.contains(s))
+        .collect();
     assert!(steps.len() >= 3, "{steps:?}");
 
     for step in &steps {

@@ -130,8 +130,15 @@ fn status_and_reset_on_a_three_member_cluster() {
     );
     let services = check(&status, "services");
     assert_eq!(services["health"], "ok", "{services:#}");
-    assert_eq!(services["data"]["units"][0]["unit"], "etcd.service");
-    assert_eq!(services["data"]["units"][0]["enabled"], true);
+    let units = services["data"]["units"].as_array().unwrap();
+    for name in ["etcd.service", "cluster-join.service"] {
+        let unit = units.iter().find(|u| u["unit"] == name);
+        assert_eq!(
+            unit.map(|u| &u["enabled"]),
+            Some(&serde_json::json!(true)),
+            "{name}: {units:#?}"
+        );
+    }
     assert_eq!(check(&status, "kubernetes")["health"], "not-configured");
     assert_eq!(check(&status, "ceph")["health"], "not-configured");
     let steps = status["steps"].as_array().unwrap();

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cli::{GlobalArgs, ServeJoinArgs};
-use crate::join::server::{HostMaterial, JoinServer, Limits};
+use crate::join::server::{ApiTokens, HostMaterial, JoinServer, Limits};
 use crate::join::{JoinError, JoinKeys};
 use crate::paths::HostPaths;
 
@@ -26,7 +26,14 @@ pub async fn serve_join(
         IpAddr::V4(node.ip),
         config.cluster.bootstrap.join_port,
     ));
-    let source = Arc::new(HostMaterial::new(paths.clone(), config.clone(), None));
+    let tokens: Option<Arc<dyn crate::join::server::BootstrapTokens>> =
+        node.is_control_plane().then(|| {
+            Arc::new(ApiTokens::new(
+                paths.host(crate::phases::control_plane::ADMIN_CONF),
+                config.cluster.bootstrap.token_ttl,
+            )) as _
+        });
+    let source = Arc::new(HostMaterial::new(paths.clone(), config.clone(), tokens));
     let server = JoinServer::new(
         keys,
         config.clone(),

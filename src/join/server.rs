@@ -496,3 +496,58 @@ pub(crate) fn now_unix() -> i64 {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
 }
+
+/// Bootstrap tokens from the cluster's API with the node's admin.conf:
+/// one token is reused while it has more than half its lifetime left, so
+/// every worker gets at least `ttl / 2` and the API sees one write per half
+/// lifetime, not one per join.
+pub struct ApiTokens {
+    admin_conf: std::path::PathBuf,
+    ttl: Duration,
+    current: tokio::sync::Mutex<Option<crate::k8s::BootstrapToken>>,
+}
+
+impl ApiTokens {
+    pub fn new(admin_conf: std::path::PathBuf, ttl: Duration) -> ApiTokens {
+        ApiTokens {
+            admin_conf,
+            ttl,
+            current: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+#[async_trait]
+impl BootstrapTokens for ApiTokens {
+    async fn current(&self) -> Result<IssuedToken, Unavailable> {
+        let renew_before = self.ttl / 2;
+        // Held across the API calls: concurrent joins wait for one mint.
+        let mut current = self.current.lock().await;
+        let fresh_enough = |t: &crate::k8s::BootstrapToken| {
+            t.expires - time::OffsetDateTime::now_utc()
+                > time::Duration::try_from(renew_before).unwrap_or(time::Duration::ZERO)
+        };
+        if current.as_ref().is_none_or(|t| !fresh_enough(t)) {
+            if !self.admin_conf.exists() {
+                return Err(Unavailable(
+                    "the Kubernetes control plane on this node is not up yet".into(),
+                ));
+            }
+            let unavailable =
+                |e: crate::k8s::K8sError| Unavailable(format!("cannot get a bootstrap token: {e}"));
+            let client = crate::k8s::client_from_kubeconfig(&self.admin_conf)
+                .await
+                .map_err(unavailable)?;
+            *current = Some(
+                crate::k8s::ensure_bootstrap_token(&client, self.ttl, renew_before)
+                    .await
+                    .map_err(unavailable)?,
+            );
+        }
+        let token = current.as_ref().expect("set above");
+        Ok(IssuedToken {
+            token: token.expose(),
+            expires: token.expires_rfc3339(),
+        })
+    }
+}

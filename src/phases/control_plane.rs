@@ -1,51 +1,253 @@
-//! Phase `control-plane`: the Kubernetes control plane on top of etcd.
-//! Today it establishes that the image can run one at all; the API server,
-//! controller-manager and scheduler steps build on that.
+//! Phase `control-plane`: kube-apiserver, kube-controller-manager and
+//! kube-scheduler on every control-plane node, their kubeconfigs, and the
+//! cluster objects joining nodes rely on.
+//!
+//! Each component's flags are in its unit's ExecStart: our units pass argv
+//! verbatim (no `$VAR` expansion), so the rendered unit is the whole truth
+//! of how the component runs, for systemd and the process backend alike.
+//! `/etc/default/<component>` (optional, the operator's) can add
+//! environment.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::config::{ClusterConfig, NodeRole, NodeSpec};
 use crate::engine::{Context, Outcome, Phase, Step, StepError};
+use crate::fsutil::{self, SECRET_MODE};
+use crate::k8s::{self, Credentials};
+use crate::paths::HostPaths;
+use crate::pki::{self, CaKind, ClientCert, LeafKind, PkiPaths};
+use crate::services::{self, ActiveState, RestartPolicy, ServiceSection, ServiceType, Unit};
+use crate::wait::{self, Backoff, Poll};
 
 pub const PHASE: &str = "control-plane";
-/// Where images put the Kubernetes binaries: Flatcar sysext/`/opt/bin`
-/// first, then the distribution's.
+/// Where images put the Kubernetes binaries (under `--root`): Flatcar
+/// sysext/`/opt/bin` first, then the distribution's.
 pub const BINARY_DIRS: &[&str] = &["/opt/bin", "/usr/bin"];
-pub const BINARIES: &[&str] = &[
-    "kube-apiserver",
-    "kube-controller-manager",
-    "kube-scheduler",
-    "kubelet",
-];
+pub const APISERVER: &str = "kube-apiserver";
+pub const CONTROLLER_MANAGER: &str = "kube-controller-manager";
+pub const SCHEDULER: &str = "kube-scheduler";
+pub const COMPONENTS: [&str; 3] = [APISERVER, CONTROLLER_MANAGER, SCHEDULER];
+pub const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
+const READY_WAIT: Duration = Duration::from_secs(300);
 
 pub fn phase() -> Phase {
     Phase {
         name: PHASE,
         requires: vec![super::etcd::PHASE],
-        steps: vec![Box::new(Binaries)],
+        steps: vec![
+            Box::new(Binaries),
+            Box::new(Kubeconfigs),
+            Box::new(UnitConfig),
+            Box::new(StartApiServer),
+            Box::new(StartControllers),
+            Box::new(ClusterObjects),
+        ],
     }
 }
 
-/// The first `dir/name` that exists, for each binary; `Err` lists the
-/// missing ones.
-pub fn locate_binaries(dirs: &[&str]) -> Result<Vec<PathBuf>, Vec<&'static str>> {
-    let mut found = Vec::new();
-    let mut missing = Vec::new();
-    for name in BINARIES {
-        match dirs
-            .iter()
-            .map(|d| Path::new(d).join(name))
-            .find(|p| p.is_file())
-        {
-            Some(path) => found.push(path),
-            None => missing.push(*name),
-        }
-    }
-    if missing.is_empty() {
-        Ok(found)
-    } else {
-        Err(missing)
+/// `<root><dir>/<name>` for the first dir that has it.
+pub fn locate(paths: &HostPaths, name: &str) -> Option<PathBuf> {
+    BINARY_DIRS
+        .iter()
+        .map(|d| paths.host(d).join(name))
+        .find(|p| p.is_file())
+}
+
+fn locate_or_default(paths: &HostPaths, name: &str) -> PathBuf {
+    locate(paths, name).unwrap_or_else(|| paths.host(BINARY_DIRS[0]).join(name))
+}
+
+/// `https://<this node's IP>:<API port>`: the local API server.
+pub fn local_server(config: &ClusterConfig, node: &NodeSpec) -> String {
+    format!(
+        "https://{}:{}",
+        node.ip, config.cluster.control_plane_endpoint.port
+    )
+}
+
+/// `https://<control_plane_endpoint>`: what nodes and operators use.
+pub fn endpoint_server(config: &ClusterConfig) -> String {
+    format!("https://{}", config.cluster.control_plane_endpoint)
+}
+
+fn host(paths: &HostPaths, p: &str) -> String {
+    paths.host(p).to_string_lossy().into_owned()
+}
+
+fn file(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+fn etcd_servers(config: &ClusterConfig) -> String {
+    crate::role::ordered_nodes(config, NodeRole::ControlPlane)
+        .into_iter()
+        .map(|n| crate::etcd::topology::client_url(config, n))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn kubeconfig_path(paths: &HostPaths, client: ClientCert) -> PathBuf {
+    paths.host(match client {
+        ClientCert::Admin => ADMIN_CONF,
+        ClientCert::ControllerManager => "/etc/kubernetes/controller-manager.conf",
+        ClientCert::Scheduler => "/etc/kubernetes/scheduler.conf",
+    })
+}
+
+/// The three components' units, as `control-plane-config` installs them.
+pub fn render_units(paths: &HostPaths, config: &ClusterConfig, node: &NodeSpec) -> Vec<Unit> {
+    let pki = PkiPaths::new(paths);
+    let ca = pki.ca(CaKind::Cluster);
+    let front_proxy_ca = pki.ca(CaKind::FrontProxy);
+    let leaf = |kind| pki.leaf(kind);
+    let net = &config.cluster.networking;
+    let apiserver = vec![
+        format!("--advertise-address={}", node.ip),
+        format!("--bind-address={}", node.ip),
+        format!(
+            "--secure-port={}",
+            config.cluster.control_plane_endpoint.port
+        ),
+        "--allow-privileged=true".into(),
+        "--authorization-mode=Node,RBAC".into(),
+        "--enable-admission-plugins=NodeRestriction".into(),
+        "--enable-bootstrap-token-auth=true".into(),
+        format!("--client-ca-file={}", file(&ca.cert)),
+        format!("--tls-cert-file={}", file(&leaf(LeafKind::ApiServer).cert)),
+        format!(
+            "--tls-private-key-file={}",
+            file(&leaf(LeafKind::ApiServer).key)
+        ),
+        format!("--etcd-servers={}", etcd_servers(config)),
+        format!("--etcd-cafile={}", file(&pki.ca(CaKind::Etcd).cert)),
+        format!(
+            "--etcd-certfile={}",
+            file(&leaf(LeafKind::ApiServerEtcdClient).cert)
+        ),
+        format!(
+            "--etcd-keyfile={}",
+            file(&leaf(LeafKind::ApiServerEtcdClient).key)
+        ),
+        format!(
+            "--kubelet-client-certificate={}",
+            file(&leaf(LeafKind::ApiServerKubeletClient).cert)
+        ),
+        format!(
+            "--kubelet-client-key={}",
+            file(&leaf(LeafKind::ApiServerKubeletClient).key)
+        ),
+        "--kubelet-preferred-address-types=InternalIP,ExternalIP,Hostname".into(),
+        format!(
+            "--proxy-client-cert-file={}",
+            file(&leaf(LeafKind::FrontProxyClient).cert)
+        ),
+        format!(
+            "--proxy-client-key-file={}",
+            file(&leaf(LeafKind::FrontProxyClient).key)
+        ),
+        "--requestheader-allowed-names=front-proxy-client".into(),
+        format!(
+            "--requestheader-client-ca-file={}",
+            file(&front_proxy_ca.cert)
+        ),
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
+        "--requestheader-group-headers=X-Remote-Group".into(),
+        "--requestheader-username-headers=X-Remote-User".into(),
+        format!(
+            "--service-account-issuer=https://kubernetes.default.svc.{}",
+            net.dns_domain
+        ),
+        format!("--service-account-key-file={}", file(&pki.sa_pub())),
+        format!("--service-account-signing-key-file={}", file(&pki.sa_key())),
+        format!("--service-cluster-ip-range={}", net.service_cidr),
+    ];
+    let controller_manager_conf = file(&kubeconfig_path(paths, ClientCert::ControllerManager));
+    let controller_manager = vec![
+        format!("--kubeconfig={controller_manager_conf}"),
+        format!("--authentication-kubeconfig={controller_manager_conf}"),
+        format!("--authorization-kubeconfig={controller_manager_conf}"),
+        "--bind-address=127.0.0.1".into(),
+        format!("--client-ca-file={}", file(&ca.cert)),
+        format!("--cluster-name={}", config.cluster.name),
+        format!("--cluster-cidr={}", net.pod_cidr),
+        "--allocate-node-cidrs=true".into(),
+        format!("--cluster-signing-cert-file={}", file(&ca.cert)),
+        format!("--cluster-signing-key-file={}", file(&ca.key)),
+        "--controllers=*,bootstrapsigner,tokencleaner".into(),
+        "--leader-elect=true".into(),
+        format!(
+            "--requestheader-client-ca-file={}",
+            file(&front_proxy_ca.cert)
+        ),
+        format!("--root-ca-file={}", file(&ca.cert)),
+        format!("--service-account-private-key-file={}", file(&pki.sa_key())),
+        format!("--service-cluster-ip-range={}", net.service_cidr),
+        "--use-service-account-credentials=true".into(),
+    ];
+    let scheduler_conf = file(&kubeconfig_path(paths, ClientCert::Scheduler));
+    let scheduler = vec![
+        format!("--kubeconfig={scheduler_conf}"),
+        format!("--authentication-kubeconfig={scheduler_conf}"),
+        format!("--authorization-kubeconfig={scheduler_conf}"),
+        "--bind-address=127.0.0.1".into(),
+        "--leader-elect=true".into(),
+    ];
+    [
+        (APISERVER, apiserver, vec!["etcd.service".to_string()]),
+        (
+            CONTROLLER_MANAGER,
+            controller_manager,
+            vec![format!("{APISERVER}.service")],
+        ),
+        (SCHEDULER, scheduler, vec![format!("{APISERVER}.service")]),
+    ]
+    .into_iter()
+    .map(|(name, flags, after)| component_unit(paths, name, flags, after))
+    .collect()
+}
+
+/// A long-running component unit; shared with the worker's kubelet.
+pub fn component_unit(
+    paths: &HostPaths,
+    name: &str,
+    flags: Vec<String>,
+    after: Vec<String>,
+) -> Unit {
+    let mut exec_start = vec![file(&locate_or_default(paths, name))];
+    exec_start.extend(flags);
+    let mut wants = vec!["network-online.target".to_string()];
+    wants.extend(after.iter().cloned());
+    let mut after_all = vec!["network-online.target".to_string()];
+    after_all.extend(after);
+    Unit {
+        name: format!("{name}.service"),
+        description: format!("Kubernetes {name}"),
+        after: after_all,
+        wants,
+        requires: vec![],
+        service: ServiceSection {
+            type_: ServiceType::Simple,
+            exec_start,
+            environment: Default::default(),
+            environment_file: Some(services::EnvironmentFile {
+                path: paths.host(format!("/etc/default/{name}")),
+                optional: true,
+                vars: Default::default(),
+            }),
+            working_directory: None,
+            restart: Some(RestartPolicy::Always),
+            restart_sec: Some(Duration::from_secs(5)),
+            timeout_start_sec: None,
+            timeout_stop_sec: None,
+            limit_nofile: Some(65536),
+        },
+        install: services::InstallSection {
+            wanted_by: vec!["multi-user.target".into()],
+        },
+        systemd_only: Vec::new(),
     }
 }
 
@@ -57,47 +259,267 @@ impl Step for Binaries {
         "control-plane-binaries"
     }
     fn summary(&self) -> &'static str {
-        "find kube-apiserver, kube-controller-manager, kube-scheduler and kubelet in the image"
+        "find kube-apiserver, kube-controller-manager and kube-scheduler in the image (/opt/bin, /usr/bin)"
     }
-    async fn check(&self, _ctx: &Context) -> Result<bool, StepError> {
-        Ok(locate_binaries(BINARY_DIRS).is_ok())
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        Ok(COMPONENTS.iter().all(|c| locate(&ctx.paths, c).is_some()))
     }
-    async fn apply(&self, _ctx: &Context) -> Result<Outcome, StepError> {
-        match locate_binaries(BINARY_DIRS) {
-            Ok(found) => {
-                tracing::info!(?found, "Kubernetes control-plane binaries present");
-                Ok(Outcome::Done)
-            }
-            // etcd is formed and recorded; only the layer above it cannot
-            // start. Skipping (not failing) keeps the member serving its
-            // peers and lets a fixed image finish the phase on the next run.
-            Err(missing) => Ok(Outcome::Skipped(format!(
-                "{} not found in {}: this image cannot run the Kubernetes control plane; \
-                 etcd is formed and stays recorded; install them and run `cluster-agent run` again",
-                missing.join(", "),
-                BINARY_DIRS.join(" or ")
-            ))),
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        let missing: Vec<&str> = COMPONENTS
+            .iter()
+            .copied()
+            .filter(|c| locate(&ctx.paths, c).is_none())
+            .collect();
+        let looked = BINARY_DIRS
+            .iter()
+            .map(|d| host(&ctx.paths, d))
+            .collect::<Vec<_>>()
+            .join(" and ");
+        if missing.len() == COMPONENTS.len() {
+            // An image without Kubernetes (etcd and storage only): etcd is
+            // formed and stays recorded; an image with the binaries
+            // finishes the phase on the next run.
+            return Ok(Outcome::SkipRest(format!(
+                "no Kubernetes control-plane binaries in {looked}: this image cannot run the \
+                 control plane; etcd is formed; install them and run `cluster-agent run` again"
+            )));
         }
+        if missing.is_empty() {
+            return Ok(Outcome::Done);
+        }
+        Err(StepError::Precondition(format!(
+            "{} missing from {looked} while the other control-plane binaries are there; \
+             the image is incomplete",
+            missing.join(", ")
+        )))
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+fn ca_pem(ctx: &Context) -> Result<String, StepError> {
+    let path = PkiPaths::new(&ctx.paths).ca(CaKind::Cluster).cert;
+    let bytes = fsutil::read_optional(&path)
+        .map_err(|source| StepError::Read {
+            path: path.clone(),
+            source,
+        })?
+        .ok_or_else(|| StepError::Precondition(format!("{} is missing", path.display())))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
 
-    #[test]
-    fn reports_exactly_the_missing_binaries() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_str().unwrap();
-        std::fs::write(dir.path().join("kubelet"), b"").unwrap();
-        std::fs::write(dir.path().join("kube-scheduler"), b"").unwrap();
-        assert_eq!(
-            locate_binaries(&[d]).unwrap_err(),
-            vec!["kube-apiserver", "kube-controller-manager"]
+/// `(path, text)` of every kubeconfig this node gets, the operator's copy in
+/// the state dir included.
+fn kubeconfigs(ctx: &Context) -> Result<Vec<(PathBuf, String)>, StepError> {
+    let mut out = Vec::new();
+    for client in ClientCert::ALL {
+        let creds = pki::read_client_credentials(&ctx.paths, client)?;
+        // Operators reach the cluster through its endpoint; the components
+        // talk to the API server next to them.
+        let server = match client {
+            ClientCert::Admin => endpoint_server(&ctx.config),
+            _ => local_server(&ctx.config, &ctx.node),
+        };
+        let user = match client {
+            ClientCert::Admin => "kubernetes-admin",
+            ClientCert::ControllerManager => "system:kube-controller-manager",
+            ClientCert::Scheduler => "system:kube-scheduler",
+        };
+        let text = k8s::render_kubeconfig(
+            &ctx.config.cluster.name,
+            &server,
+            &creds.ca_pem,
+            user,
+            Credentials::ClientCert {
+                cert_pem: &creds.cert_pem,
+                key_pem: &creds.key_pem,
+            },
         );
-        for b in BINARIES {
-            std::fs::write(dir.path().join(b), b"").unwrap();
+        if client == ClientCert::Admin {
+            out.push((ctx.paths.state_file("admin.conf"), text.clone()));
         }
-        assert_eq!(locate_binaries(&[d]).unwrap().len(), 4);
+        out.push((kubeconfig_path(&ctx.paths, client), text));
+    }
+    Ok(out)
+}
+
+struct Kubeconfigs;
+
+#[async_trait]
+impl Step for Kubeconfigs {
+    fn name(&self) -> &'static str {
+        "control-plane-kubeconfigs"
+    }
+    fn summary(&self) -> &'static str {
+        "write admin.conf, controller-manager.conf, scheduler.conf (0600) and the operator's admin.conf in the state dir"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        for (path, text) in kubeconfigs(ctx)? {
+            let on_disk = fsutil::read_optional(&path).map_err(|source| StepError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            if on_disk.as_deref() != Some(text.as_bytes()) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        for (path, text) in kubeconfigs(ctx)? {
+            fsutil::write_atomic(&path, text.as_bytes(), SECRET_MODE)?;
+        }
+        Ok(Outcome::Done)
+    }
+}
+
+struct UnitConfig;
+
+#[async_trait]
+impl Step for UnitConfig {
+    fn name(&self) -> &'static str {
+        "control-plane-config"
+    }
+    fn summary(&self) -> &'static str {
+        "install and enable the kube-apiserver, kube-controller-manager and kube-scheduler units"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        for unit in render_units(&ctx.paths, &ctx.config, &ctx.node) {
+            if !(services::unit_installed(&ctx.paths, &unit)?
+                && services::unit_enabled(&ctx.paths, &unit))
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        let mut changed = Vec::new();
+        for unit in render_units(&ctx.paths, &ctx.config, &ctx.node) {
+            if services::install_unit(&ctx.paths, &unit)? {
+                changed.push(unit.name.clone());
+            }
+        }
+        ctx.services.daemon_reload().await?;
+        for name in COMPONENTS {
+            let unit = format!("{name}.service");
+            ctx.services.enable(&unit).await?;
+            // A component already running with other flags must pick the
+            // new ones up.
+            if changed.contains(&unit)
+                && ctx.services.state(&unit).await?.active_state == ActiveState::Active
+            {
+                ctx.services.restart(&unit).await?;
+            }
+        }
+        Ok(Outcome::Done)
+    }
+}
+
+struct StartApiServer;
+
+#[async_trait]
+impl Step for StartApiServer {
+    fn name(&self) -> &'static str {
+        "kube-apiserver-start"
+    }
+    fn summary(&self) -> &'static str {
+        "start kube-apiserver and wait for /readyz over TLS pinned to the cluster CA"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        let server = local_server(&ctx.config, &ctx.node);
+        Ok(k8s::readyz(&server, &ca_pem(ctx)?).await.is_ok())
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        ctx.services.start(&format!("{APISERVER}.service")).await?;
+        let server = local_server(&ctx.config, &ctx.node);
+        let ca = ca_pem(ctx)?;
+        let what = format!("{server}/readyz");
+        ctx.progress.waiting(&what);
+        wait::poll_until(&what, READY_WAIT, Backoff::local(), || async {
+            match k8s::readyz(&server, &ca).await {
+                Ok(()) => Poll::Ready(()),
+                Err(e) => Poll::Pending(e.to_string()),
+            }
+        })
+        .await?;
+        Ok(Outcome::Done)
+    }
+}
+
+struct StartControllers;
+
+#[async_trait]
+impl Step for StartControllers {
+    fn name(&self) -> &'static str {
+        "controllers-start"
+    }
+    fn summary(&self) -> &'static str {
+        "start kube-controller-manager and kube-scheduler"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        for name in [CONTROLLER_MANAGER, SCHEDULER] {
+            if ctx
+                .services
+                .state(&format!("{name}.service"))
+                .await?
+                .active_state
+                != ActiveState::Active
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        for name in [CONTROLLER_MANAGER, SCHEDULER] {
+            ctx.services.start(&format!("{name}.service")).await?;
+        }
+        Ok(Outcome::Done)
+    }
+}
+
+struct ClusterObjects;
+
+#[async_trait]
+impl Step for ClusterObjects {
+    fn name(&self) -> &'static str {
+        "cluster-objects"
+    }
+    fn summary(&self) -> &'static str {
+        "create the TLS-bootstrap RBAC bindings and kube-public/cluster-info (kept when present)"
+    }
+    async fn check(&self, _ctx: &Context) -> Result<bool, StepError> {
+        // Create-or-keep is itself idempotent and cheap.
+        Ok(false)
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        let client =
+            k8s::client_from_kubeconfig(&kubeconfig_path(&ctx.paths, ClientCert::Admin)).await?;
+        let info = k8s::render_cluster_info(
+            &ctx.config.cluster.name,
+            &endpoint_server(&ctx.config),
+            &ca_pem(ctx)?,
+        );
+        // The endpoint's API server may be one just starting, or briefly
+        // without its etcd: retry what is retryable, fail on conflicts.
+        let what = "the cluster objects to be created";
+        wait::poll_until(
+            what,
+            READY_WAIT,
+            Backoff::remote(Duration::from_secs(2)),
+            || async {
+                let result = async {
+                    k8s::ensure_tls_bootstrap_rbac(&client).await?;
+                    k8s::ensure_cluster_info(&client, &info).await
+                }
+                .await;
+                match result {
+                    Ok(()) => Poll::Ready(Ok(())),
+                    Err(e @ k8s::K8sError::Conflict { .. }) => Poll::Ready(Err(e)),
+                    Err(e) => Poll::Pending(e.to_string()),
+                }
+            },
+        )
+        .await??;
+        Ok(Outcome::Done)
     }
 }

@@ -6,6 +6,7 @@ pub mod control_plane;
 pub mod etcd;
 pub mod join_service;
 pub mod node;
+pub mod worker;
 
 use crate::config::{ClusterConfig, NodeSpec};
 use crate::engine::Plan;
@@ -34,6 +35,9 @@ pub fn build(role: Role, ceph_role: CephRole) -> Plan {
     if control_plane {
         phases.push(control_plane::phase());
     }
+    if role == Role::Worker {
+        phases.push(worker::phase());
+    }
     Plan { phases }
 }
 
@@ -44,6 +48,9 @@ pub fn rendered_units(paths: &HostPaths, config: &ClusterConfig, node: &NodeSpec
     let role = crate::role::decide(config, node);
     let mut units = Vec::new();
     units.extend(etcd::rendered_units(paths, config, node, role));
+    if node.is_control_plane() {
+        units.extend(control_plane::render_units(paths, config, node));
+    }
     if node.has_role(crate::config::NodeRole::CephMon) {
         units.push(ceph::render_unit(paths, node));
     }

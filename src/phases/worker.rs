@@ -1,0 +1,358 @@
+//! Phase `worker`: join the Kubernetes cluster as a node, by itself. The
+//! join material (API endpoint, cluster CA, a fresh bootstrap token) comes
+//! from any control-plane node's join service; the kubelet then
+//! TLS-bootstraps its client certificate with the token.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::engine::{Context, Outcome, Phase, Step, StepError};
+use crate::fsutil::{self, PUBLIC_MODE, SECRET_MODE};
+use crate::join::{JoinClient, JoinKeys, Material, Purpose, WorkerMaterial};
+use crate::k8s::{self, Credentials};
+use crate::services::{self, Unit};
+use crate::wait::{self, Backoff, Poll};
+
+use super::control_plane::{self, BINARY_DIRS};
+
+pub const PHASE: &str = "worker";
+pub const KUBELET: &str = "kubelet";
+pub const BOOTSTRAP_KUBECONFIG: &str = "/etc/kubernetes/bootstrap-kubelet.conf";
+pub const KUBECONFIG: &str = "/etc/kubernetes/kubelet.conf";
+pub const CA_FILE: &str = "/etc/kubernetes/pki/ca.crt";
+pub const CONFIG_FILE: &str = "/var/lib/kubelet/config.yaml";
+pub const CERT_DIR: &str = "/var/lib/kubelet/pki";
+pub const CLIENT_CERT: &str = "/var/lib/kubelet/pki/kubelet-client-current.pem";
+/// Workers may boot long before the control plane is up.
+const JOIN_WAIT: Duration = Duration::from_secs(900);
+const REGISTER_WAIT: Duration = Duration::from_secs(300);
+
+pub fn phase() -> Phase {
+    Phase {
+        name: PHASE,
+        requires: vec![super::node::PHASE],
+        steps: vec![
+            Box::new(KubeletBinary),
+            Box::new(FetchJoinMaterial),
+            Box::new(VersionSkew),
+            Box::new(KubeletConfig),
+            Box::new(StartKubelet),
+        ],
+    }
+}
+
+fn joined(ctx: &Context) -> bool {
+    ctx.paths.host(CLIENT_CERT).exists()
+}
+
+fn read(path: &std::path::Path) -> Result<Option<String>, StepError> {
+    fsutil::read_optional(path)
+        .map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned()))
+        .map_err(|source| StepError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// The API server this node was told about, from its bootstrap kubeconfig.
+fn api_server(ctx: &Context) -> Result<String, StepError> {
+    let path = ctx.paths.host(BOOTSTRAP_KUBECONFIG);
+    let text = read(&path)?.unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .map(str::to_string)
+        .ok_or_else(|| StepError::Corrupt {
+            path,
+            reason: "no server".into(),
+        })
+}
+
+struct FetchJoinMaterial;
+
+#[async_trait]
+impl Step for FetchJoinMaterial {
+    fn name(&self) -> &'static str {
+        "worker-join-material"
+    }
+    fn summary(&self) -> &'static str {
+        "fetch API endpoint, cluster CA and a bootstrap token from a control-plane node's join service; write bootstrap-kubelet.conf"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        // A kubelet with its own certificate needs no token any more.
+        Ok(joined(ctx)
+            || (ctx.paths.host(BOOTSTRAP_KUBECONFIG).exists() && ctx.paths.host(CA_FILE).exists()))
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        let client = JoinClient::new(
+            JoinKeys::load(&ctx.paths, &ctx.config.cluster.name)?,
+            &ctx.node.name,
+            std::net::IpAddr::V4(ctx.node.ip),
+        );
+        let servers = crate::join::control_plane_servers(&ctx.config, &ctx.node);
+        let material = client
+            .fetch(&servers, Purpose::Worker, JOIN_WAIT, |what| {
+                ctx.progress.waiting(what)
+            })
+            .await?;
+        let Material::Worker(WorkerMaterial {
+            api_server,
+            ca_pem,
+            bootstrap_token,
+            token_expires,
+        }) = material
+        else {
+            return Err(StepError::Precondition(format!(
+                "the join service answered with {} material to a worker request",
+                material.purpose()
+            )));
+        };
+        fsutil::write_atomic(&ctx.paths.host(CA_FILE), ca_pem.as_bytes(), PUBLIC_MODE)?;
+        let kubeconfig = k8s::render_kubeconfig(
+            &ctx.config.cluster.name,
+            &api_server,
+            &ca_pem,
+            "kubelet-bootstrap",
+            Credentials::Token(&bootstrap_token),
+        );
+        fsutil::write_atomic(
+            &ctx.paths.host(BOOTSTRAP_KUBECONFIG),
+            kubeconfig.as_bytes(),
+            SECRET_MODE,
+        )?;
+        tracing::info!(%api_server, %token_expires, "join material in place");
+        Ok(Outcome::Done)
+    }
+}
+
+/// `kubelet --version` → `v1.31.0`.
+async fn kubelet_version(binary: &std::path::Path) -> Result<String, StepError> {
+    let out = tokio::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .await
+        .map_err(|e| {
+            StepError::Precondition(format!("cannot run {} --version: {e}", binary.display()))
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find(|w| k8s::minor_version(w).is_some())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            StepError::Precondition(format!(
+                "{} --version printed no version: {}",
+                binary.display(),
+                text.trim()
+            ))
+        })
+}
+
+fn kubelet_binary(ctx: &Context) -> Result<PathBuf, StepError> {
+    control_plane::locate(&ctx.paths, KUBELET).ok_or_else(|| {
+        StepError::Precondition(format!(
+            "kubelet not found in {}: this image cannot join Kubernetes",
+            BINARY_DIRS
+                .iter()
+                .map(|d| ctx.paths.host(d).join(KUBELET).display().to_string())
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ))
+    })
+}
+
+struct KubeletBinary;
+
+#[async_trait]
+impl Step for KubeletBinary {
+    fn name(&self) -> &'static str {
+        "kubelet-binary"
+    }
+    fn summary(&self) -> &'static str {
+        "find the kubelet in the image (/opt/bin, /usr/bin)"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        Ok(control_plane::locate(&ctx.paths, KUBELET).is_some())
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        // An image without Kubernetes (a storage-only node): nothing to
+        // join; an image with a kubelet finishes the phase on the next run.
+        Ok(match kubelet_binary(ctx) {
+            Ok(_) => Outcome::Done,
+            Err(e) => Outcome::SkipRest(e.to_string()),
+        })
+    }
+}
+
+struct VersionSkew;
+
+#[async_trait]
+impl Step for VersionSkew {
+    fn name(&self) -> &'static str {
+        "kubelet-version-skew"
+    }
+    fn summary(&self) -> &'static str {
+        "refuse a kubelet newer than the API server (/version, else cluster.yaml's k8s_version)"
+    }
+    async fn check(&self, _ctx: &Context) -> Result<bool, StepError> {
+        // A preflight: it runs every time, since the image or the cluster
+        // may have changed since.
+        Ok(false)
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        let kubelet = kubelet_version(&kubelet_binary(ctx)?).await?;
+        let ca = read(&ctx.paths.host(CA_FILE))?.unwrap_or_default();
+        let (cluster, source) = match k8s::server_version(&api_server(ctx)?, &ca).await {
+            Ok(v) => (v, "the API server's /version"),
+            Err(e) => {
+                tracing::warn!("API version unknown ({e}); using cluster.yaml's k8s_version");
+                (
+                    ctx.config.cluster.k8s_version.clone(),
+                    "cluster.yaml's k8s_version",
+                )
+            }
+        };
+        let (Some(k), Some(c)) = (k8s::minor_version(&kubelet), k8s::minor_version(&cluster))
+        else {
+            return Err(StepError::Precondition(format!(
+                "cannot compare kubelet {kubelet} with cluster {cluster}"
+            )));
+        };
+        if k > c {
+            return Err(StepError::Precondition(format!(
+                "kubelet {kubelet} is newer than the cluster ({cluster}, from {source}); \
+                 a kubelet may not be newer than its API server: use an image with kubelet \
+                 {}.{} or older, or upgrade the control plane first",
+                c.0, c.1
+            )));
+        }
+        tracing::info!(%kubelet, %cluster, "version skew allowed");
+        Ok(Outcome::Done)
+    }
+}
+
+/// The kubelet's configuration file (`KubeletConfiguration`, JSON being
+/// YAML): cluster DNS at the tenth service IP as kubeadm does, client CA,
+/// certificate rotation and serving certificates through CSRs.
+pub fn render_kubelet_config(ctx: &Context) -> String {
+    let net = &ctx.config.cluster.networking;
+    let dns = std::net::Ipv4Addr::from(u32::from(net.service_cidr.network()) + 10);
+    let config = serde_json::json!({
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "authentication": {
+            "anonymous": {"enabled": false},
+            "webhook": {"enabled": true},
+            "x509": {"clientCAFile": ctx.paths.host(CA_FILE)},
+        },
+        "authorization": {"mode": "Webhook"},
+        "cgroupDriver": "systemd",
+        "clusterDNS": [dns.to_string()],
+        "clusterDomain": net.dns_domain,
+        "rotateCertificates": true,
+        "serverTLSBootstrap": true,
+        "staticPodPath": ctx.paths.host("/etc/kubernetes/manifests"),
+    });
+    serde_json::to_string_pretty(&config).expect("serialisable") + "\n"
+}
+
+pub fn render_kubelet_unit(ctx: &Context) -> Unit {
+    let p = |x: &str| ctx.paths.host(x).to_string_lossy().into_owned();
+    control_plane::component_unit(
+        &ctx.paths,
+        KUBELET,
+        vec![
+            format!("--bootstrap-kubeconfig={}", p(BOOTSTRAP_KUBECONFIG)),
+            format!("--kubeconfig={}", p(KUBECONFIG)),
+            format!("--config={}", p(CONFIG_FILE)),
+            format!("--cert-dir={}", p(CERT_DIR)),
+            format!("--hostname-override={}", ctx.node.name),
+            format!("--node-ip={}", ctx.node.ip),
+        ],
+        vec![],
+    )
+}
+
+struct KubeletConfig;
+
+#[async_trait]
+impl Step for KubeletConfig {
+    fn name(&self) -> &'static str {
+        "kubelet-config"
+    }
+    fn summary(&self) -> &'static str {
+        "write the kubelet configuration and install and enable kubelet.service"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        let unit = render_kubelet_unit(ctx);
+        Ok(read(&ctx.paths.host(CONFIG_FILE))?.as_deref()
+            == Some(render_kubelet_config(ctx).as_str())
+            && services::unit_installed(&ctx.paths, &unit)?
+            && services::unit_enabled(&ctx.paths, &unit))
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        kubelet_binary(ctx)?;
+        fsutil::write_atomic(
+            &ctx.paths.host(CONFIG_FILE),
+            render_kubelet_config(ctx).as_bytes(),
+            PUBLIC_MODE,
+        )?;
+        let unit = render_kubelet_unit(ctx);
+        services::install_unit(&ctx.paths, &unit)?;
+        ctx.services.daemon_reload().await?;
+        ctx.services.enable(&unit.name).await?;
+        Ok(Outcome::Done)
+    }
+}
+
+struct StartKubelet;
+
+impl StartKubelet {
+    /// Registered: the kubelet holds its own client certificate and its
+    /// Node object exists (asked with the kubelet's own identity).
+    async fn registered(ctx: &Context) -> Result<(), String> {
+        if !joined(ctx) {
+            return Err("no client certificate yet".into());
+        }
+        let client = k8s::client_from_kubeconfig(&ctx.paths.host(KUBECONFIG))
+            .await
+            .map_err(|e| e.to_string())?;
+        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+        nodes
+            .get(&ctx.node.name)
+            .await
+            .map(drop)
+            .map_err(|e| format!("Node {}: {e}", ctx.node.name))
+    }
+}
+
+#[async_trait]
+impl Step for StartKubelet {
+    fn name(&self) -> &'static str {
+        "kubelet-start"
+    }
+    fn summary(&self) -> &'static str {
+        "start the kubelet; wait until its client certificate is issued and its Node exists"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        Ok(ctx.services.state("kubelet.service").await?.active_state
+            == services::ActiveState::Active
+            && Self::registered(ctx).await.is_ok())
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        ctx.services.start("kubelet.service").await?;
+        let what = format!(
+            "the kubelet's client certificate and Node {}",
+            ctx.node.name
+        );
+        ctx.progress.waiting(&what);
+        wait::poll_until(&what, REGISTER_WAIT, Backoff::local(), || async {
+            match Self::registered(ctx).await {
+                Ok(()) => Poll::Ready(()),
+                Err(e) => Poll::Pending(e),
+            }
+        })
+        .await?;
+        Ok(Outcome::Done)
+    }
+}
