@@ -148,6 +148,54 @@ fn assert_joined(c: &Cluster) {
     }
 }
 
+/// Objects under an etcd prefix, as the API double stores them.
+fn objects(c: &Cluster, prefix: &str) -> Vec<serde_json::Value> {
+    let out = etcdctl(
+        c,
+        "cp-1",
+        &["get", "--prefix", "--print-value-only", prefix],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The kubelets' serving CSRs are approved, once each, by one master's
+/// join service: the holder of the approver Lease.
+fn assert_serving_certificates_approved(c: &Cluster) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let approved = loop {
+        let serving: Vec<_> = objects(c, "/registry/certificatesigningrequests/")
+            .into_iter()
+            .filter(|csr| csr["spec"]["signerName"] == "kubernetes.io/kubelet-serving")
+            .collect();
+        let decided: Vec<_> = serving
+            .iter()
+            .filter(|csr| csr["status"]["conditions"].is_array())
+            .cloned()
+            .collect();
+        if serving.len() == WORKERS.len() && decided.len() == serving.len() {
+            break decided;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "serving CSRs: {serving:#?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    for csr in &approved {
+        let conditions = csr["status"]["conditions"].as_array().unwrap();
+        assert_eq!(conditions.len(), 1, "decided once: {csr:#}");
+        assert_eq!(conditions[0]["type"], "Approved", "{csr:#}");
+    }
+    let leases = objects(c, "/registry/leases/kube-system/");
+    assert_eq!(leases.len(), 1, "{leases:#?}");
+    let holder = leases[0]["spec"]["holderIdentity"].as_str().unwrap();
+    assert!(MASTERS.contains(&holder), "{holder}");
+}
+
 #[test]
 fn three_masters_and_two_workers_join_from_cold() {
     let c = rack();
@@ -160,6 +208,7 @@ fn three_masters_and_two_workers_join_from_cold() {
         finish(node, child);
     }
     assert_joined(&c);
+    assert_serving_certificates_approved(&c);
     let tokens = registry(&c, "/registry/secrets/kube-system/bootstrap-token-");
 
     // Re-runs change nothing and create nothing.

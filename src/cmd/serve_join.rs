@@ -53,6 +53,13 @@ pub async fn serve_join(
             source,
         })
         .map_err(|e| CliError::Failed(crate::error_chain(&e)))?;
+    if node.is_control_plane() {
+        tokio::spawn(approve_serving_csrs(
+            paths.host(crate::phases::control_plane::ADMIN_CONF),
+            config.clone(),
+            node.name.clone(),
+        ));
+    }
     tracing::info!(%listen, node = %node.name, "join service listening");
     crate::notify::ready(&format!("serving join material on {listen}"));
     Arc::new(server).serve(listener, shutdown_signal()).await;
@@ -72,4 +79,23 @@ async fn shutdown_signal() {
         _ = term.recv() => {},
         _ = int.recv() => {},
     }
+}
+
+/// The serving-CSR approver, once this master's control plane is up.
+async fn approve_serving_csrs(
+    admin_conf: std::path::PathBuf,
+    config: Arc<crate::config::ClusterConfig>,
+    holder: String,
+) {
+    let mut backoff = crate::wait::Backoff::remote(Duration::from_secs(10));
+    let client = loop {
+        if admin_conf.exists() {
+            match crate::k8s::client_from_kubeconfig(&admin_conf).await {
+                Ok(client) => break client,
+                Err(e) => tracing::debug!("approver waits for the API: {e}"),
+            }
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    };
+    crate::k8s::approver::run(client, config, holder).await;
 }

@@ -17,6 +17,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, PostParams};
 use time::OffsetDateTime;
 
+pub mod approver;
+
 pub const BOOTSTRAP_TOKEN_TYPE: &str = "bootstrap.kubernetes.io/token";
 /// The group kubeadm's node tokens put bootstrapping kubelets in; the RBAC
 /// bindings below name it, so kubeadm-minded tooling keeps working.

@@ -231,13 +231,18 @@ impl Server {
             .map_err(|e| e.to_string())
     }
 
-    async fn put(&self, key: &str, value: &Value) {
-        let _ = self
-            .etcd
+    /// Writes `key` if it is still at `revision` (its resourceVersion).
+    async fn update(&self, key: &str, value: &Value, revision: i64) -> Result<bool, String> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, revision)])
+            .and_then([TxnOp::put(key, value.to_string(), None)]);
+        self.etcd
             .lock()
             .await
-            .put(key, value.to_string(), None)
-            .await;
+            .txn(txn)
+            .await
+            .map(|r| r.succeeded())
+            .map_err(|e| e.to_string())
     }
 
     fn allowed(
@@ -452,6 +457,18 @@ impl Server {
                     );
                 };
                 let new = body.expect("read above");
+                // Optimistic concurrency, as the real one: a write based on
+                // an older version is a conflict.
+                let expected = new["metadata"]["resourceVersion"].as_str();
+                if expected
+                    .is_some_and(|v| Some(v) != current["metadata"]["resourceVersion"].as_str())
+                {
+                    return status(
+                        StatusCode::CONFLICT,
+                        "Conflict",
+                        format!("{resource} \"{name}\" was modified"),
+                    );
+                }
                 match sub.as_deref() {
                     // The approval subresource changes conditions only; the
                     // status subresource the status only.
@@ -468,8 +485,23 @@ impl Server {
                         );
                     }
                 }
-                self.put(&key, &current).await;
-                reply(StatusCode::OK, self.get(&key).await.unwrap_or(current))
+                let revision = current["metadata"]["resourceVersion"]
+                    .as_str()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                match self.update(&key, &current, revision).await {
+                    Ok(true) => reply(StatusCode::OK, self.get(&key).await.unwrap_or(current)),
+                    Ok(false) => status(
+                        StatusCode::CONFLICT,
+                        "Conflict",
+                        format!("{resource} \"{name}\" was modified"),
+                    ),
+                    Err(e) => status(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "ServiceUnavailable",
+                        format!("etcd: {e}"),
+                    ),
+                }
             }
             (m, _, _) => status(
                 StatusCode::METHOD_NOT_ALLOWED,
