@@ -241,3 +241,80 @@ fn a_kubelet_newer_than_the_api_server_is_refused() {
     );
     assert!(!c.root("w-1").join("var/lib/kubelet/config.yaml").exists());
 }
+
+/// A crash before and after every Kubernetes step, on a master and on a
+/// worker, then a re-run: one control plane, one Node, no duplicate
+/// objects, the kubelet's first certificate kept.
+#[test]
+fn a_crash_at_every_kubernetes_step_converges() {
+    let master_steps = [
+        "control-plane-binaries",
+        "control-plane-kubeconfigs",
+        "control-plane-config",
+        "kube-apiserver-start",
+        "controllers-start",
+        "cluster-objects",
+    ];
+    let worker_steps = [
+        "kubelet-binary",
+        "worker-join-material",
+        "kubelet-version-skew",
+        "kubelet-config",
+        "kubelet-start",
+    ];
+    let points = master_steps
+        .iter()
+        .map(|s| ("cp-1", *s))
+        .chain(worker_steps.iter().map(|s| ("w-1", *s)));
+    for (node, step) in points {
+        for when in ["before", "after"] {
+            let c = Cluster::new(&[("cp-1", &["control-plane"]), ("w-1", &["worker"])]);
+            install_doubles(
+                &c,
+                "cp-1",
+                &[
+                    "kube-apiserver",
+                    "kube-controller-manager",
+                    "kube-scheduler",
+                ],
+            );
+            install_doubles(&c, "w-1", &["kubelet"]);
+            if node == "w-1" {
+                run_ok(&c, "cp-1");
+            }
+            let out = spawn_run(&c, node, Some(&format!("{step}:{when}")))
+                .wait_with_output()
+                .unwrap();
+            // A step whose effect is there from the start (the binaries)
+            // never applies, so it cannot crash after applying.
+            let aborted = std::os::unix::process::ExitStatusExt::signal(&out.status) == Some(6);
+            let nothing_to_apply =
+                when == "after" && (step == "control-plane-binaries" || step == "kubelet-binary");
+            assert!(
+                aborted || (nothing_to_apply && out.status.success()),
+                "{node} {step}:{when}: {}",
+                text(&out)
+            );
+            run_ok(&c, "cp-1");
+            run_ok(&c, "w-1");
+            for n in ["cp-1", "w-1"] {
+                assert_all_done(&c, n);
+            }
+            assert_eq!(
+                registry(&c, "/registry/nodes/"),
+                ["/registry/nodes/w-1"],
+                "{step}:{when}"
+            );
+            assert_eq!(registry(&c, "/registry/clusterrolebindings/").len(), 3);
+            assert_eq!(
+                registry(&c, "/registry/secrets/kube-system/bootstrap-token-").len(),
+                1
+            );
+            let client_csrs = registry(&c, "/registry/certificatesigningrequests/")
+                .iter()
+                .filter(|k| k.contains("node-csr-"))
+                .count();
+            assert_eq!(client_csrs, 1, "{step}:{when}: one client CSR");
+        }
+    }
+}
