@@ -73,6 +73,51 @@ pub enum Command {
     /// Render provisioning data from the config dir: Ignition configs, Matchbox data
     #[command(subcommand)]
     Render(RenderCommand),
+    /// A whole cluster on this machine: nodes as temp roots running the real
+    /// agent with real etcd and ceph-mon
+    #[command(subcommand)]
+    Lab(LabCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Create the nodes and bootstrap them all at once, showing progress
+    Up(LabUpArgs),
+    /// Show each node's progress (exit 0 when every node is done)
+    Status {
+        #[arg(long, default_value = DEFAULT_LAB_DIR)]
+        dir: PathBuf,
+    },
+    /// Stop every daemon of the lab and remove it
+    Down {
+        #[arg(long, default_value = DEFAULT_LAB_DIR)]
+        dir: PathBuf,
+    },
+}
+
+pub const DEFAULT_LAB_DIR: &str = "/tmp/cluster-agent-lab";
+
+#[derive(Debug, Args)]
+pub struct LabUpArgs {
+    #[arg(long, default_value_t = 1)]
+    pub masters: u8,
+    #[arg(long, default_value_t = 1)]
+    pub workers: u8,
+    /// Monitors, placed on the first nodes (masters first)
+    #[arg(long, default_value_t = 1)]
+    pub ceph_mons: u8,
+    /// Where the nodes' roots go
+    #[arg(long, default_value = DEFAULT_LAB_DIR)]
+    pub dir: PathBuf,
+    /// Kubernetes binaries (kube-apiserver, kube-controller-manager,
+    /// kube-scheduler, kubelet) [default: PATH]; without them the
+    /// Kubernetes phases are skipped, plainly
+    #[arg(long)]
+    pub kube_bin_dir: Option<PathBuf>,
+    /// One network namespace per node on a bridge (root; needed for more
+    /// than one master)
+    #[arg(long)]
+    pub netns: bool,
 }
 
 #[derive(Debug, Args)]

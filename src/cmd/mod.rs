@@ -2,6 +2,7 @@
 //! the documented exit code.
 
 mod gen_join_secret;
+mod lab;
 mod plan;
 mod render;
 mod reset;
@@ -97,6 +98,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::GenJoinSecret(args) => gen_join_secret::gen_join_secret(&paths, args),
         Command::ServeJoin(args) => serve_join::serve_join(global, &paths, args).await,
         Command::Render(command) => render::render(global, &paths, command),
+        Command::Lab(command) => lab::lab(command).await,
     };
     match result {
         Ok(code) => code,

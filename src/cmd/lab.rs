@@ -1,0 +1,412 @@
+//! `lab up|status|down`: a whole cluster on one machine. Every node is a
+//! directory used as `--root`, with its own cluster config and join secret,
+//! running this very binary's `run` with the process backend against real
+//! etcd and ceph-mon. Nodes share loopback (127.77.0.x) or, with `--netns`
+//! (root), each gets a network namespace on a bridge — needed for more than
+//! one master, because etcd checks a peer's certificate against the address
+//! it connects from.
+
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cli::{LabCommand, LabUpArgs};
+use crate::paths::HostPaths;
+use crate::services::ServiceManager;
+use crate::state::{StateStore, StepStatus};
+
+use super::{CliError, EXIT_FAILURE, EXIT_OK};
+
+const BRIDGE: &str = "calab0";
+const NETNS_PREFIX: &str = "calab-";
+const LOOPBACK_NET: [u8; 3] = [127, 77, 0];
+const BRIDGE_NET: [u8; 3] = [198, 19, 250];
+const KUBE_MASTER_BINARIES: [&str; 3] = [
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+];
+const UP_DEADLINE: Duration = Duration::from_secs(900);
+
+/// What `lab up` wrote, for `status` and `down`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LabRecord {
+    netns: bool,
+    nodes: Vec<LabNode>,
+}
+
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct LabNode {
+    name: String,
+    ip: Ipv4Addr,
+    roles: Vec<String>,
+}
+
+fn record_path(dir: &Path) -> PathBuf {
+    dir.join("lab.json")
+}
+
+fn load(dir: &Path) -> Result<LabRecord, CliError> {
+    let text = std::fs::read(record_path(dir)).map_err(|e| {
+        CliError::Usage(format!(
+            "no lab in {} ({e}); start one with `cluster-agent lab up`",
+            dir.display()
+        ))
+    })?;
+    serde_json::from_slice(&text)
+        .map_err(|e| CliError::Failed(format!("{} is corrupt: {e}", record_path(dir).display())))
+}
+
+fn node_paths(dir: &Path, node: &str) -> HostPaths {
+    HostPaths::new(&dir.join(node), None, None)
+}
+
+pub async fn lab(command: &LabCommand) -> Result<i32, CliError> {
+    match command {
+        LabCommand::Up(args) => up(args).await,
+        LabCommand::Status { dir } => {
+            status(dir).map(|done| if done { EXIT_OK } else { EXIT_FAILURE })
+        }
+        LabCommand::Down { dir } => down(dir).await,
+    }
+}
+
+fn plan_nodes(args: &LabUpArgs) -> Vec<LabNode> {
+    let net = if args.netns { BRIDGE_NET } else { LOOPBACK_NET };
+    let ip = |host: u8| Ipv4Addr::new(net[0], net[1], net[2], host);
+    let mut nodes: Vec<LabNode> = (1..=args.masters)
+        .map(|i| LabNode {
+            name: format!("cp-{i}"),
+            ip: ip(10 + i),
+            roles: vec!["control-plane".into()],
+        })
+        .chain((1..=args.workers).map(|i| LabNode {
+            name: format!("w-{i}"),
+            ip: ip(100 + i),
+            roles: vec!["worker".into()],
+        }))
+        .collect();
+    // Monitors go with the first nodes, as on a small rack.
+    for node in nodes.iter_mut().take(args.ceph_mons as usize) {
+        node.roles.push("ceph-mon".into());
+    }
+    nodes
+}
+
+fn cluster_yaml(nodes: &[LabNode], netns: bool) -> String {
+    let net = if netns { BRIDGE_NET } else { LOOPBACK_NET };
+    let prefix = format!("{}.{}.{}", net[0], net[1], net[2]);
+    let mut yaml = format!(
+        "# Written by `cluster-agent lab up`.\ncluster:\n  name: lab\n  control_plane_endpoint: {}:6443\n  networking:\n    prefix_length: 24\n  ceph:\n    public_network: {prefix}.0/24\nnodes:\n",
+        nodes[0].ip
+    );
+    for n in nodes {
+        yaml.push_str(&format!(
+            "  - name: {}\n    ip: {}\n    roles: [{}]\n",
+            n.name,
+            n.ip,
+            n.roles.join(", ")
+        ));
+    }
+    yaml
+}
+
+fn ip_cmd(args: &[&str]) -> Result<(), CliError> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| CliError::Failed(format!("cannot run `ip`: {e} (install iproute2)")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(CliError::Failed(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+fn create_network(nodes: &[LabNode]) -> Result<(), CliError> {
+    ip_cmd(&["link", "add", BRIDGE, "type", "bridge"])?;
+    ip_cmd(&["link", "set", BRIDGE, "up"])?;
+    for (i, node) in nodes.iter().enumerate() {
+        let ns = format!("{NETNS_PREFIX}{}", node.name);
+        let veth = format!("{BRIDGE}v{i}");
+        ip_cmd(&["netns", "add", &ns])?;
+        ip_cmd(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        ip_cmd(&["link", "set", &veth, "master", BRIDGE, "up"])?;
+        ip_cmd(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/24", node.ip),
+            "dev",
+            "eth0",
+        ])?;
+        ip_cmd(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip_cmd(&["-n", &ns, "link", "set", "lo", "up"])?;
+    }
+    Ok(())
+}
+
+/// Where the Kubernetes binaries are: `--kube-bin-dir`, else PATH.
+fn kube_binary(dir: Option<&Path>, name: &str) -> Option<PathBuf> {
+    match dir {
+        Some(d) => Some(d.join(name)).filter(|p| p.is_file()),
+        None => std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        }),
+    }
+}
+
+async fn up(args: &LabUpArgs) -> Result<i32, CliError> {
+    if args.masters == 0 {
+        return Err(CliError::Usage(
+            "a cluster needs at least one master (--masters)".into(),
+        ));
+    }
+    if args.masters > 1 && !args.netns {
+        return Err(CliError::Usage(
+            "more than one master needs --netns (as root): etcd checks each peer's certificate \
+             against the address it connects from, and on a shared loopback every peer comes \
+             from 127.0.0.1"
+                .into(),
+        ));
+    }
+    let dir = &args.dir;
+    if record_path(dir).exists() {
+        return Err(CliError::Usage(format!(
+            "a lab already runs in {}; `cluster-agent lab down --dir {}` first",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    let nodes = plan_nodes(args);
+    let agent = std::env::current_exe()
+        .map_err(|e| CliError::Failed(format!("cannot find this binary: {e}")))?;
+    let yaml = cluster_yaml(&nodes, args.netns);
+    let secret: [u8; 32] = rand::random();
+    for node in &nodes {
+        let paths = node_paths(dir, &node.name);
+        let write = |path: PathBuf, bytes: &[u8], mode| {
+            crate::fsutil::write_atomic(&path, bytes, mode)
+                .map_err(|e| CliError::Failed(crate::error_chain(&e)))
+        };
+        write(
+            paths.config_dir().join(crate::config::CLUSTER_FILE),
+            yaml.as_bytes(),
+            crate::fsutil::PUBLIC_MODE,
+        )?;
+        write(
+            paths.config_dir().join(crate::config::JOIN_SECRET_FILE),
+            &secret,
+            crate::fsutil::SECRET_MODE,
+        )?;
+        let wanted: &[&str] = if node.roles.iter().any(|r| r == "control-plane") {
+            &KUBE_MASTER_BINARIES
+        } else {
+            &["kubelet"]
+        };
+        for name in wanted {
+            if let Some(found) = kube_binary(args.kube_bin_dir.as_deref(), name) {
+                let bin = paths.host("/opt/bin");
+                std::fs::create_dir_all(&bin)
+                    .and_then(|_| std::os::unix::fs::symlink(&found, bin.join(name)))
+                    .map_err(|e| CliError::Failed(format!("linking {}: {e}", found.display())))?;
+            }
+        }
+    }
+    let record = LabRecord {
+        netns: args.netns,
+        nodes: nodes.clone(),
+    };
+    std::fs::write(
+        record_path(dir),
+        serde_json::to_vec_pretty(&record).expect("serialisable"),
+    )
+    .map_err(|e| CliError::Failed(format!("{}: {e}", record_path(dir).display())))?;
+    if args.netns {
+        create_network(&nodes)?;
+    }
+
+    let started = Instant::now();
+    let mut children: Vec<(String, Child, Option<Duration>)> = Vec::new();
+    for node in &nodes {
+        let root = dir.join(&node.name);
+        let log = std::fs::File::create(root.join("agent.log"))
+            .map_err(|e| CliError::Failed(format!("agent log: {e}")))?;
+        let mut cmd = if args.netns {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &format!("{NETNS_PREFIX}{}", node.name)])
+                .arg(&agent);
+            c
+        } else {
+            Command::new(&agent)
+        };
+        cmd.arg("--root")
+            .arg(&root)
+            .args(["--node", &node.name, "--services", "process", "run"])
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(
+                log.try_clone()
+                    .map_err(|e| CliError::Failed(e.to_string()))?,
+            )
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .map_err(|e| CliError::Failed(format!("starting {}: {e}", node.name)))?;
+        children.push((node.name.clone(), child, None));
+    }
+
+    // Live progress: one line per node, redrawn in place.
+    let mut drawn = 0;
+    let mut interval = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        interval.tick().await;
+        for (_, child, finished) in children.iter_mut() {
+            if finished.is_none() && child.try_wait().ok().flatten().is_some() {
+                *finished = Some(started.elapsed());
+            }
+        }
+        let lines: Vec<String> = nodes
+            .iter()
+            .zip(&children)
+            .map(|(node, (_, _, finished))| progress_line(dir, node, *finished, started.elapsed()))
+            .collect();
+        let mut out = std::io::stdout().lock();
+        if drawn > 0 {
+            let _ = write!(out, "\x1b[{drawn}A");
+        }
+        for line in &lines {
+            let _ = writeln!(out, "\x1b[2K{line}");
+        }
+        let _ = out.flush();
+        drawn = lines.len();
+        if children.iter().all(|(_, _, f)| f.is_some()) || started.elapsed() > UP_DEADLINE {
+            break;
+        }
+    }
+    let mut failed = Vec::new();
+    for (name, mut child, _) in children {
+        let ok = child.try_wait().ok().flatten().is_some_and(|s| s.success());
+        if !ok {
+            let _ = child.kill();
+            failed.push(name);
+        }
+    }
+    println!(
+        "lab in {}: {} nodes in {:.1?}{}",
+        dir.display(),
+        nodes.len(),
+        started.elapsed(),
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!("; failed: {} (see <node>/agent.log)", failed.join(", "))
+        }
+    );
+    println!(
+        "`cluster-agent lab status --dir {0}`, `cluster-agent lab down --dir {0}`",
+        dir.display()
+    );
+    Ok(if failed.is_empty() {
+        EXIT_OK
+    } else {
+        EXIT_FAILURE
+    })
+}
+
+/// `cp-1  control-plane,ceph-mon  12/24  etcd-start (waiting for …)  3.1s`
+fn progress_line(dir: &Path, node: &LabNode, finished: Option<Duration>, now: Duration) -> String {
+    let journal = StateStore::new(node_paths(dir, &node.name).state_dir())
+        .load_journal()
+        .ok()
+        .flatten();
+    let all_complete = journal.as_ref().is_some_and(|j| j.all_complete());
+    let (done, total, current, skipped, failed) = match &journal {
+        None => (0, 0, "starting".to_string(), 0, None),
+        Some(j) => {
+            let complete = j.steps.iter().filter(|s| s.status.is_complete()).count();
+            let skipped = j
+                .steps
+                .iter()
+                .filter(|s| s.status == StepStatus::Skipped)
+                .count();
+            let failed = j
+                .steps
+                .iter()
+                .find(|s| s.status == StepStatus::Failed)
+                .map(|s| format!("{}: {}", s.name, s.last_error.clone().unwrap_or_default()));
+            let current = j
+                .steps
+                .iter()
+                .find(|s| s.status == StepStatus::Running)
+                .map(|s| match &s.waiting_for {
+                    Some(w) => format!("{} (waiting for {w})", s.name),
+                    None => s.name.clone(),
+                })
+                .unwrap_or_default();
+            (complete, j.steps.len(), current, skipped, failed)
+        }
+    };
+    let state = match (finished, failed) {
+        (_, Some(f)) => format!("FAILED {f}"),
+        (Some(t), None) => format!("done in {t:.1?} ({skipped} skipped)"),
+        (None, None) if all_complete => format!("done ({skipped} skipped)"),
+        (None, None) => format!("{current} {now:.0?}"),
+    };
+    let mut line = format!(
+        "{:<6} {:<24} {done:>2}/{total:<2} {state}",
+        node.name,
+        node.roles.join(",")
+    );
+    line.truncate(160);
+    line
+}
+
+fn status(dir: &Path) -> Result<bool, CliError> {
+    let record = load(dir)?;
+    let mut all_done = true;
+    for node in &record.nodes {
+        let journal = StateStore::new(node_paths(dir, &node.name).state_dir())
+            .load_journal()
+            .ok()
+            .flatten();
+        let complete = journal.as_ref().is_some_and(|j| j.all_complete());
+        all_done &= complete;
+        println!("{}", progress_line(dir, node, None, Duration::ZERO));
+    }
+    Ok(all_done)
+}
+
+async fn down(dir: &Path) -> Result<i32, CliError> {
+    let record = load(dir)?;
+    for node in &record.nodes {
+        let paths = node_paths(dir, &node.name);
+        let services = crate::services::ProcessManager::new(paths.clone());
+        for unit in crate::services::agent_units(&paths)? {
+            if let Err(e) = services.stop(&unit.name).await {
+                eprintln!("{}: stopping {}: {e}", node.name, unit.name);
+            }
+        }
+    }
+    if record.netns {
+        for node in &record.nodes {
+            let _ = ip_cmd(&["netns", "delete", &format!("{NETNS_PREFIX}{}", node.name)]);
+        }
+        let _ = ip_cmd(&["link", "delete", BRIDGE]);
+    }
+    std::fs::remove_dir_all(dir)
+        .map_err(|e| CliError::Failed(format!("removing {}: {e}", dir.display())))?;
+    println!("lab in {} removed", dir.display());
+    Ok(EXIT_OK)
+}
