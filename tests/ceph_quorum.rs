@@ -297,3 +297,45 @@ fn monitors_seed_when_the_kubernetes_side_fails() {
         "{status:#}"
     );
 }
+
+/// `reset` on a monitor takes it out of the monmap through the quorum
+/// before stopping it; the next `run` brings it back. The last monitor is
+/// not removed without --force.
+#[test]
+fn reset_leaves_the_monmap_and_run_rejoins() {
+    let c = mons(&["m-1", "m-2", "m-3"]);
+    for n in ["m-1", "m-2", "m-3"] {
+        run_ok(&c, n);
+    }
+    assert_quorum(&c, &["m-1", "m-2", "m-3"]);
+    let dry = c.run("m-3", &["reset", "--dry-run"]);
+    assert!(
+        text(&dry).contains("remove Ceph monitor m-3 from the monmap"),
+        "{}",
+        text(&dry)
+    );
+    let out = c.run("m-3", &["reset", "--yes"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status = ceph_json(&c, "m-1", &["quorum_status"]);
+    assert_eq!(
+        status["quorum_names"],
+        serde_json::json!(["m-1", "m-2"]),
+        "{status:#}"
+    );
+    assert_eq!(status["monmap"]["mons"].as_array().unwrap().len(), 2);
+    assert!(!c.root("m-3").join("var/lib/ceph/mon/ceph-m-3").exists());
+    run_ok(&c, "m-3");
+    assert_quorum(&c, &["m-1", "m-2", "m-3"]);
+
+    let single = mons(&["m-1"]);
+    run_ok(&single, "m-1");
+    let refused = single.run("m-1", &["reset", "--yes"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(text(&refused).contains("last"), "{}", text(&refused));
+    assert!(
+        single
+            .root("m-1")
+            .join("var/lib/ceph/mon/ceph-m-1/done")
+            .exists()
+    );
+}

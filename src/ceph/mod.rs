@@ -324,6 +324,80 @@ async fn run(
     })
 }
 
+/// `ceph quorum_status` through the quorum: (monitors in quorum, every
+/// monitor in the map). `connect_timeout` bounds how long an unreachable
+/// quorum is tried.
+pub async fn quorum_status(
+    conf: &Path,
+    admin_keyring: &Path,
+    connect_timeout: Duration,
+) -> Result<(Vec<String>, Vec<String>), CephError> {
+    let timeout = connect_timeout.as_secs().max(1).to_string();
+    let out = run(
+        "ceph",
+        &[
+            "--connect-timeout".as_ref(),
+            timeout.as_ref(),
+            "-c".as_ref(),
+            conf.as_os_str(),
+            "quorum_status".as_ref(),
+            "-f".as_ref(),
+            "json".as_ref(),
+        ],
+        &[(
+            "CEPH_ARGS",
+            format!("--keyring {}", admin_keyring.display()),
+        )],
+    )
+    .await?;
+    let v: serde_json::Value = serde_json::from_slice(&out).map_err(|e| CephError::Command {
+        command: "ceph quorum_status".into(),
+        status: "ok".into(),
+        stderr: format!("printed no JSON: {e}"),
+    })?;
+    let names = |list: &serde_json::Value, key: Option<&str>| -> Vec<String> {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| match key {
+                Some(k) => x[k].as_str(),
+                None => x.as_str(),
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    Ok((
+        names(&v["quorum_names"], None),
+        names(&v["monmap"]["mons"], Some("name")),
+    ))
+}
+
+/// `ceph mon remove <id>`; a monitor already gone is success.
+pub async fn remove_monitor(conf: &Path, admin_keyring: &Path, id: &str) -> Result<(), CephError> {
+    let timeout = CLI_CONNECT_TIMEOUT.as_secs().to_string();
+    match run(
+        "ceph",
+        &[
+            "--connect-timeout".as_ref(),
+            timeout.as_ref(),
+            "-c".as_ref(),
+            conf.as_os_str(),
+            "mon".as_ref(),
+            "remove".as_ref(),
+            id.as_ref(),
+        ],
+        &[(
+            "CEPH_ARGS",
+            format!("--keyring {}", admin_keyring.display()),
+        )],
+    )
+    .await
+    {
+        Err(CephError::Command { stderr, .. }) if stderr.contains("does not exist") => Ok(()),
+        other => other.map(drop),
+    }
+}
+
 /// A monmap holding only `node`: the seed of a new cluster.
 pub async fn create_seed_monmap(out: &Path, fsid: &str, node: &NodeSpec) -> Result<(), CephError> {
     let addrs = mon_addrs(node);

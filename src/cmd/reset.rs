@@ -36,6 +36,10 @@ pub enum Action {
         name: String,
         via: String,
     },
+    /// Remove this node's monitor from the Ceph monmap through the quorum.
+    LeaveCephMon {
+        id: String,
+    },
     StopUnit(String),
     /// Remove a `<target>.wants/` link (what enabling created).
     Disable(PathBuf),
@@ -53,6 +57,12 @@ impl fmt::Display for Action {
                 "remove etcd member {} ({name}) from the cluster through {via}",
                 member_id_hex(*member)
             ),
+            Action::LeaveCephMon { id } => {
+                write!(
+                    f,
+                    "remove Ceph monitor {id} from the monmap through the quorum"
+                )
+            }
             Action::StopUnit(u) => write!(f, "stop {u}"),
             Action::Disable(link) => write!(f, "disable: remove {}", link.display()),
             Action::Remove(p) => write!(f, "remove {}", p.display()),
@@ -118,7 +128,7 @@ pub async fn plan(
     force: bool,
 ) -> Result<Vec<Action>, CliError> {
     let mut actions = leave_etcd(global, paths, force).await?;
-    actions.extend(leave_ceph_monitors(paths));
+    actions.extend(leave_ceph_monitor(global, paths, force).await?);
 
     let units = services::agent_units(paths)?;
     actions.extend(stop_order(&units).into_iter().map(Action::StopUnit));
@@ -138,6 +148,21 @@ pub async fn plan(
     }
 
     let mut created = vec![topology::data_dir(paths), paths.host(NETWORK_FILE)];
+    // The monitor's store and what the Ceph phase wrote under /etc/ceph and
+    // for OSDs; a rejoin fetches them again.
+    if let Ok(config) = super::load_config(paths)
+        && let Ok((node, _)) = super::target(global, paths, &config)
+    {
+        created.push(crate::ceph::mon_data_dir(paths, node));
+    }
+    created.extend(
+        [
+            crate::ceph::CONF_FILE,
+            crate::ceph::ADMIN_KEYRING,
+            crate::ceph::BOOTSTRAP_OSD_KEYRING,
+        ]
+        .map(|p| paths.host(p)),
+    );
     // This node's own certificates; the shared CAs and the service-account
     // key stay: they are the cluster's, every control-plane node holds the
     // same, and they let this node rejoin.
@@ -157,12 +182,65 @@ pub async fn plan(
     Ok(actions)
 }
 
-/// The Ceph monitor counterpart of [`leave_etcd`]: when the Ceph phase
-/// exists, a monitor leaves the monmap here (`ceph mon remove`, refused when
-/// it would cost the quorum) before its unit is stopped. No Ceph phase
-/// installs a monitor yet, so there is nothing to leave.
-fn leave_ceph_monitors(_paths: &HostPaths) -> Vec<Action> {
-    Vec::new()
+/// The Ceph counterpart of [`leave_etcd`]: a node with a monitor store
+/// leaves the monmap through the quorum before its unit is stopped, unless
+/// that costs the quorum (or it is the last monitor) and `--force` is not
+/// given.
+async fn leave_ceph_monitor(
+    global: &GlobalArgs,
+    paths: &HostPaths,
+    force: bool,
+) -> Result<Vec<Action>, CliError> {
+    let config = match super::load_config(paths) {
+        Ok(c) => c,
+        Err(_) => return Ok(Vec::new()),
+    };
+    let (node, _) = super::target(global, paths, &config)?;
+    if !crate::ceph::mon_data_dir(paths, node).exists() {
+        return Ok(Vec::new());
+    }
+    let id = crate::ceph::mon_id(node).to_string();
+    let refuse = |why: String| -> Result<Vec<Action>, CliError> {
+        if force {
+            eprintln!("cluster-agent: warning: {why}; going ahead (--force)");
+            Ok(Vec::new())
+        } else {
+            Err(CliError::Failed(format!(
+                "{why}. Nothing was changed. Fix that first, or reset with --force"
+            )))
+        }
+    };
+    let status = crate::ceph::quorum_status(
+        &paths.host(crate::ceph::CONF_FILE),
+        &paths.host(crate::ceph::ADMIN_KEYRING),
+        SURVEY_BUDGET,
+    )
+    .await;
+    let (in_quorum, mons) = match status {
+        Ok(s) => s,
+        Err(e) => {
+            return refuse(format!(
+                "this node has a Ceph monitor, but the quorum cannot be asked ({e})"
+            ));
+        }
+    };
+    if !mons.contains(&id) {
+        return Ok(Vec::new());
+    }
+    let remaining = mons.len() - 1;
+    if remaining == 0 {
+        return refuse(format!(
+            "monitor {id} is the cluster's last: removing it ends the Ceph cluster"
+        ));
+    }
+    let others_in_quorum = in_quorum.iter().filter(|m| **m != id).count();
+    if others_in_quorum < survey::quorum(remaining) {
+        return refuse(format!(
+            "without monitor {id}, {others_in_quorum} of the remaining {remaining} monitors are in              quorum, fewer than the {} a quorum needs",
+            survey::quorum(remaining)
+        ));
+    }
+    Ok(vec![Action::LeaveCephMon { id }])
 }
 
 /// On a control-plane node whose etcd has a member: remove it through a
@@ -341,6 +419,22 @@ async fn execute(
             }
             other => other,
         },
+        Action::LeaveCephMon { id } => {
+            let result = crate::ceph::remove_monitor(
+                &paths.host(crate::ceph::CONF_FILE),
+                &paths.host(crate::ceph::ADMIN_KEYRING),
+                id,
+            )
+            .await
+            .map_err(|e| CliError::Failed(format!("cannot leave the Ceph monmap: {e}")));
+            match result {
+                Err(e) if force => {
+                    eprintln!("cluster-agent: warning: {e}; going ahead (--force)");
+                    Ok(())
+                }
+                other => other,
+            }
+        }
         Action::StopUnit(unit) => {
             if let Some(m) = manager {
                 m.stop(unit).await?;

@@ -4,7 +4,6 @@
 //! (Ceph's own phase, Kubernetes once it exists) is one function and one
 //! line in that list, and can never make `status` hang.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -23,7 +22,6 @@ use crate::services::{self, ActiveState};
 /// `<root>/etc/kubernetes/admin.conf`, once the control-plane phase writes it.
 pub const ADMIN_KUBECONFIG: &str = "/etc/kubernetes/admin.conf";
 pub const CEPH_CONF: &str = "/etc/ceph/ceph.conf";
-const CEPH_ADMIN_KEYRING: &str = "/etc/ceph/ceph.client.admin.keyring";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -393,8 +391,11 @@ async fn ceph_check(probe: &Probe) -> Section {
     if !conf.exists() {
         return Section::new(NAME, Health::NotConfigured, format!("no {CEPH_CONF}"));
     }
-    let keyring = probe.paths.host(CEPH_ADMIN_KEYRING);
-    match ceph_quorum(&conf, keyring.exists().then_some(keyring)).await {
+    let keyring = probe.paths.host(crate::ceph::ADMIN_KEYRING);
+    match crate::ceph::quorum_status(&conf, &keyring, Duration::from_secs(2))
+        .await
+        .map_err(|e| e.to_string())
+    {
         Ok((in_quorum, mons)) => {
             let health = if in_quorum.len() < survey::quorum(mons.len()) {
                 Health::Failed
@@ -424,50 +425,6 @@ async fn ceph_check(probe: &Probe) -> Section {
         }
         Err(e) => Section::new(NAME, Health::Failed, e),
     }
-}
-
-/// `ceph quorum_status`: (monitors in quorum, every monitor in the map).
-async fn ceph_quorum(
-    conf: &std::path::Path,
-    keyring: Option<PathBuf>,
-) -> Result<(Vec<String>, Vec<String>), String> {
-    let mut cmd = tokio::process::Command::new("ceph");
-    cmd.arg("-c")
-        .arg(conf)
-        .args(["--connect-timeout", "2", "quorum_status", "-f", "json"])
-        .kill_on_drop(true)
-        .stdin(std::process::Stdio::null());
-    if let Some(k) = keyring {
-        cmd.env("CEPH_ARGS", format!("--keyring {}", k.display()));
-    }
-    let out = cmd
-        .output()
-        .await
-        .map_err(|e| format!("cannot run ceph: {e}; is ceph-common installed?"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "ceph quorum_status failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("ceph quorum_status printed no JSON: {e}"))?;
-    let names = |list: &serde_json::Value, key: Option<&str>| -> Vec<String> {
-        list.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|x| match key {
-                Some(k) => x[k].as_str(),
-                None => x.as_str(),
-            })
-            .map(str::to_string)
-            .collect()
-    };
-    Ok((
-        names(&v["quorum_names"], None),
-        names(&v["monmap"]["mons"], Some("name")),
-    ))
 }
 
 #[cfg(test)]
