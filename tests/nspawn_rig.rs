@@ -91,19 +91,21 @@ fn wait_bootstrapped(rig: &Rig, node: &str, mut seen: impl FnMut(&str)) {
 fn cold_rack_bootstraps_through_real_systemd() {
     let masters = ["cp-1", "cp-2", "cp-3"];
     let mut rig = Rig::new(&[
-        ("cp-1", &["control-plane"]),
-        ("cp-2", &["control-plane"]),
+        ("cp-1", &["control-plane", "ceph-mon"]),
+        ("cp-2", &["control-plane", "ceph-mon"]),
         ("cp-3", &["control-plane"]),
+        ("m-1", &["ceph-mon"]),
         ("w-1", &["worker"]),
     ]);
     let started = Instant::now();
     // All at once: the additional masters wait for cp-1's join service
-    // for their CAs.
-    for node in ["cp-1", "cp-2", "cp-3", "w-1"] {
+    // for their CAs, the monitors for the first monitor's.
+    let nodes = ["cp-1", "cp-2", "cp-3", "m-1", "w-1"];
+    for node in nodes {
         rig.boot(node);
     }
     let mut statuses = BTreeSet::new();
-    for node in ["cp-1", "cp-2", "cp-3", "w-1"] {
+    for node in nodes {
         wait_bootstrapped(&rig, node, |s| {
             statuses.insert(s.to_string());
         });
@@ -114,6 +116,31 @@ fn cold_rack_bootstraps_through_real_systemd() {
     );
 
     assert_voters(&rig, "cp-1", &masters);
+    // Ceph: one quorum of the three monitors, asked from a monitor-only
+    // node with the standard /etc/ceph files the phase wrote.
+    let quorum = rig.exec(
+        "m-1",
+        "ceph",
+        &["--connect-timeout", "20", "quorum_status", "-f", "json"],
+    );
+    assert!(
+        quorum.status.success(),
+        "{}",
+        String::from_utf8_lossy(&quorum.stderr)
+    );
+    let quorum: serde_json::Value = serde_json::from_slice(&quorum.stdout).unwrap();
+    let mut in_quorum: Vec<&str> = quorum["quorum_names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.as_str())
+        .collect();
+    in_quorum.sort();
+    assert_eq!(in_quorum, ["cp-1", "cp-2", "m-1"], "{quorum:#}");
+    for node in ["cp-1", "cp-2", "m-1"] {
+        let mon = rig.unit(node, &format!("ceph-mon@{node}.service"));
+        assert_eq!(mon["ActiveState"], "active", "{node}: {mon:?}");
+    }
     // While a node worked, `systemctl status` named its phase and step.
     assert!(
         statuses.iter().any(|s| s.starts_with("etcd: ")),
@@ -216,6 +243,56 @@ fn reboots_mid_bootstrap_resume_and_converge() {
         wait_bootstrapped(&rig, node, |_| {});
     }
     eprintln!("after the reboots: converged in {:.1?}", started.elapsed());
+    for node in masters {
+        assert_voters(&rig, node, &masters);
+    }
+}
+
+/// `status` and `reset` inside a node, against its real systemd: reset
+/// takes the member out of etcd and stops what the agent started; after a
+/// reboot the node's bootstrap runs again and it rejoins.
+#[test]
+fn status_and_reset_inside_a_node_then_rejoin_after_reboot() {
+    let masters = ["cp-1", "cp-2", "cp-3"];
+    let mut rig = Rig::new(&[
+        ("cp-1", &["control-plane"]),
+        ("cp-2", &["control-plane"]),
+        ("cp-3", &["control-plane"]),
+    ]);
+    for node in masters {
+        rig.boot(node);
+    }
+    for node in masters {
+        wait_bootstrapped(&rig, node, |_| {});
+    }
+    let status = rig.exec("cp-3", "cluster-agent", &["status"]);
+    assert_eq!(
+        status.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    assert!(String::from_utf8_lossy(&status.stdout).contains("etcd"));
+
+    let reset = rig.exec("cp-3", "cluster-agent", &["reset", "--yes"]);
+    assert!(
+        reset.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&reset.stdout),
+        String::from_utf8_lossy(&reset.stderr)
+    );
+    assert_voters(&rig, "cp-1", &["cp-1", "cp-2"]);
+    let etcd = rig.unit("cp-3", "etcd.service");
+    assert_ne!(
+        etcd["ActiveState"], "active",
+        "reset stopped etcd through systemd: {etcd:?}"
+    );
+
+    let started = Instant::now();
+    rig.power_off("cp-3");
+    rig.boot("cp-3");
+    wait_bootstrapped(&rig, "cp-3", |_| {});
+    eprintln!("cp-3 rejoined {:.1?} after its reboot", started.elapsed());
     for node in masters {
         assert_voters(&rig, node, &masters);
     }
