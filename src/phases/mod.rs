@@ -51,6 +51,9 @@ pub fn rendered_units(paths: &HostPaths, config: &ClusterConfig, node: &NodeSpec
     if node.is_control_plane() {
         units.extend(control_plane::render_units(paths, config, node));
     }
+    if role == Role::Worker {
+        units.push(worker::render_kubelet_unit(paths, node));
+    }
     if node.has_role(crate::config::NodeRole::CephMon) {
         units.push(ceph::render_unit(paths, node));
     }

@@ -256,18 +256,21 @@ pub fn render_kubelet_config(ctx: &Context) -> String {
     serde_json::to_string_pretty(&config).expect("serialisable") + "\n"
 }
 
-pub fn render_kubelet_unit(ctx: &Context) -> Unit {
-    let p = |x: &str| ctx.paths.host(x).to_string_lossy().into_owned();
+pub fn render_kubelet_unit(
+    paths: &crate::paths::HostPaths,
+    node: &crate::config::NodeSpec,
+) -> Unit {
+    let p = |x: &str| paths.host(x).to_string_lossy().into_owned();
     control_plane::component_unit(
-        &ctx.paths,
+        paths,
         KUBELET,
         vec![
             format!("--bootstrap-kubeconfig={}", p(BOOTSTRAP_KUBECONFIG)),
             format!("--kubeconfig={}", p(KUBECONFIG)),
             format!("--config={}", p(CONFIG_FILE)),
             format!("--cert-dir={}", p(CERT_DIR)),
-            format!("--hostname-override={}", ctx.node.name),
-            format!("--node-ip={}", ctx.node.ip),
+            format!("--hostname-override={}", node.name),
+            format!("--node-ip={}", node.ip),
         ],
         vec![],
     )
@@ -284,7 +287,7 @@ impl Step for KubeletConfig {
         "write the kubelet configuration and install and enable kubelet.service"
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
-        let unit = render_kubelet_unit(ctx);
+        let unit = render_kubelet_unit(&ctx.paths, &ctx.node);
         Ok(read(&ctx.paths.host(CONFIG_FILE))?.as_deref()
             == Some(render_kubelet_config(ctx).as_str())
             && services::unit_installed(&ctx.paths, &unit)?
@@ -297,7 +300,7 @@ impl Step for KubeletConfig {
             render_kubelet_config(ctx).as_bytes(),
             PUBLIC_MODE,
         )?;
-        let unit = render_kubelet_unit(ctx);
+        let unit = render_kubelet_unit(&ctx.paths, &ctx.node);
         services::install_unit(&ctx.paths, &unit)?;
         ctx.services.daemon_reload().await?;
         ctx.services.enable(&unit.name).await?;
