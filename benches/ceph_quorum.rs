@@ -15,11 +15,9 @@
 //! `CEPH_BENCH_RUNS` (default 3) runs; medians are printed with the ratio
 //! agent / raw (target ≤ 1.2).
 //!
-//! The agent runs with the process backend (no systemd here), whose start
-//! of a `Type=simple` unit watches the process for a 300 ms settle window
-//! to report an immediate crash with its log; systemd's start returns at
-//! fork. The first-quorum line therefore also prints the first monitor's
-//! `ceph-mon-start` step alone.
+//! The agent runs with the process backend (no systemd here). Each run also
+//! prints the first monitor's `ceph-mon-start` step alone (start to
+//! quorum, polled through the admin socket).
 
 #[path = "../tests/support/mod.rs"]
 mod support;

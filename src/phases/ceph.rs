@@ -507,11 +507,9 @@ impl Step for Start {
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         let unit = unit_name(&ctx.node);
-        ctx.services.start(&unit).await?;
         let what = format!("monitor {} to join the quorum", ceph::mon_id(&ctx.node));
-        ctx.progress.waiting(&what);
         let socket = ceph::admin_socket(&ctx.paths, &ctx.node);
-        let status = wait::poll_until(&what, QUORUM_WAIT, Backoff::local(), || async {
+        let status = super::start_until_ready(ctx, &unit, &what, QUORUM_WAIT, || async {
             match Self::in_quorum(ctx).await {
                 Ok(Some(status)) => Poll::Ready(Ok(status)),
                 Err(e) => Poll::Ready(Err(e)),

@@ -429,12 +429,11 @@ impl Step for StartApiServer {
         Ok(k8s::readyz(&server, &ca_pem(ctx)?).await.is_ok())
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
-        ctx.services.start(&format!("{APISERVER}.service")).await?;
         let server = local_server(&ctx.config, &ctx.node);
         let ca = ca_pem(ctx)?;
         let what = format!("{server}/readyz");
-        ctx.progress.waiting(&what);
-        wait::poll_until(&what, READY_WAIT, Backoff::local(), || async {
+        let unit = format!("{APISERVER}.service");
+        super::start_until_ready(ctx, &unit, &what, READY_WAIT, || async {
             match k8s::readyz(&server, &ca).await {
                 Ok(()) => Poll::Ready(()),
                 Err(e) => Poll::Pending(e.to_string()),

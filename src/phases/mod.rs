@@ -91,3 +91,39 @@ pub(crate) async fn first_listening(
     }
     None
 }
+
+/// Starts `unit` and waits until `probe` says it is ready. Readiness, not
+/// the backend's notion of a finished start, decides: the process backend
+/// watches a `Type=simple` daemon for a settle window before it calls the
+/// start done, and a monitor or API server is often ready well inside it.
+/// A start that fails before readiness fails the wait with its error.
+pub(crate) async fn start_until_ready<T, F, Fut>(
+    ctx: &crate::engine::Context,
+    unit: &str,
+    what: &str,
+    timeout: std::time::Duration,
+    probe: F,
+) -> Result<T, crate::engine::StepError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::wait::Poll<T>>,
+{
+    let services = ctx.services.clone();
+    let name = unit.to_string();
+    let mut start = tokio::spawn(async move { services.start(&name).await });
+    ctx.progress.waiting(what);
+    let ready = crate::wait::poll_until(what, timeout, crate::wait::Backoff::local(), probe);
+    tokio::pin!(ready);
+    tokio::select! {
+        started = &mut start => {
+            started.expect("the start task does not panic")?;
+            Ok(ready.await?)
+        }
+        value = &mut ready => {
+            if start.is_finished() {
+                start.await.expect("the start task does not panic")?;
+            }
+            Ok(value?)
+        }
+    }
+}

@@ -13,7 +13,7 @@ use crate::fsutil::{self, PUBLIC_MODE, SECRET_MODE};
 use crate::join::{JoinClient, JoinKeys, Material, Purpose, WorkerMaterial};
 use crate::k8s::{self, Credentials};
 use crate::services::{self, Unit};
-use crate::wait::{self, Backoff, Poll};
+use crate::wait::Poll;
 
 use super::control_plane::{self, BINARY_DIRS};
 
@@ -343,13 +343,11 @@ impl Step for StartKubelet {
             && Self::registered(ctx).await.is_ok())
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
-        ctx.services.start("kubelet.service").await?;
         let what = format!(
             "the kubelet's client certificate and Node {}",
             ctx.node.name
         );
-        ctx.progress.waiting(&what);
-        wait::poll_until(&what, REGISTER_WAIT, Backoff::local(), || async {
+        super::start_until_ready(ctx, "kubelet.service", &what, REGISTER_WAIT, || async {
             match Self::registered(ctx).await {
                 Ok(()) => Poll::Ready(()),
                 Err(e) => Poll::Pending(e),
