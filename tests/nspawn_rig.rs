@@ -200,9 +200,9 @@ fn cold_rack_bootstraps_through_real_systemd() {
 fn reboots_mid_bootstrap_resume_and_converge() {
     let masters = ["cp-1", "cp-2", "cp-3"];
     let mut rig = Rig::new(&[
-        ("cp-1", &["control-plane"]),
+        ("cp-1", &["control-plane", "ceph-mon"]),
         ("cp-2", &["control-plane"]),
-        ("cp-3", &["control-plane"]),
+        ("cp-3", &["control-plane", "ceph-mon"]),
     ]);
     // cp-2 crashes right after etcd accepted it as a learner, before the
     // journal recorded it: the rebooted node must reuse that member.
@@ -245,6 +245,35 @@ fn reboots_mid_bootstrap_resume_and_converge() {
     eprintln!("after the reboots: converged in {:.1?}", started.elapsed());
     for node in masters {
         assert_voters(&rig, node, &masters);
+    }
+    // cp-3's monitor, cut off at a random moment, joined the one Ceph
+    // cluster cp-1 seeded: one fsid, a quorum of both.
+    let quorum = rig.exec(
+        "cp-1",
+        "ceph",
+        &["--connect-timeout", "20", "quorum_status", "-f", "json"],
+    );
+    assert!(
+        quorum.status.success(),
+        "{}",
+        String::from_utf8_lossy(&quorum.stderr)
+    );
+    let quorum: serde_json::Value = serde_json::from_slice(&quorum.stdout).unwrap();
+    assert_eq!(
+        quorum["quorum_names"].as_array().map(Vec::len),
+        Some(2),
+        "{quorum:#}"
+    );
+    for node in ["cp-1", "cp-3"] {
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                rig.root(node)
+                    .join("var/lib/cluster-state/ceph-bootstrap.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(record["fsid"], quorum["monmap"]["fsid"], "{node}");
     }
 }
 
