@@ -234,15 +234,18 @@ impl<'a> Req<'a> {
     }
 
     fn json(&self, exporter: &[u8; 32]) -> serde_json::Value {
-        let proof = self.keys.proof(
-            exporter,
-            &ProofFields {
-                node: self.node,
-                purpose: self.purpose,
-                timestamp: self.timestamp,
-                nonce: &self.nonce,
-            },
-        );
+        let proof = self
+            .keys
+            .proof(
+                exporter,
+                &ProofFields {
+                    node: self.node,
+                    purpose: self.purpose,
+                    timestamp: self.timestamp,
+                    nonce: &self.nonce,
+                },
+            )
+            .expect("the test holds the cluster's secret");
         serde_json::json!({
             "version": 1,
             "node": self.node,
@@ -857,7 +860,20 @@ async fn the_client_trusts_only_answers_sealed_for_its_own_session() {
         other => panic!("35. tampered: {other:?}"),
     }
 
-    // 36. fetch() goes on to the next server after failures and says why
+    // 36. A worker-only node holds just the worker secret: it cannot even
+    // form a request for the CA keys.
+    let worker_secret = JoinKeys::worker_secret(&s.secret, "test");
+    let w1 = JoinClient::new(
+        JoinKeys::derive_worker_only(&worker_secret, "test"),
+        "w-1",
+        s.ip("w-1"),
+    );
+    match w1.request(s.addr, Purpose::ControlPlane).await {
+        Err(JoinError::NotEntitled { purpose }) => assert_eq!(purpose, Purpose::ControlPlane),
+        other => panic!("36. worker secret: {other:?}"),
+    }
+
+    // 37. fetch() goes on to the next server after failures and says why
     // when all fail.
     let started = Instant::now();
     let err = cp2
@@ -935,13 +951,15 @@ async fn impostor_server(listener: TcpListener, keys: JoinKeys, tamper: bool) {
                     "etcd_ca_crt": "", "etcd_ca_key": "", "sa_key": "", "sa_pub": ""}
         }))
         .unwrap();
-        let (n, mut sealed) = keys.seal(
-            &exporter,
-            &nonce,
-            req["node"].as_str().unwrap(),
-            Purpose::ControlPlane,
-            &forged,
-        );
+        let (n, mut sealed) = keys
+            .seal(
+                &exporter,
+                &nonce,
+                req["node"].as_str().unwrap(),
+                Purpose::ControlPlane,
+                &forged,
+            )
+            .unwrap();
         if tamper {
             let mut raw = B64.decode(&sealed).unwrap();
             raw[3] ^= 0x40;

@@ -253,9 +253,16 @@ fn a_node_provisioned_with_its_config_finds_itself() {
                 let on_node = Path::new("/etc/cluster-config").join(&f.path);
                 assert_eq!(file(on_node.to_str().unwrap()), f.bytes, "{what}");
             }
+            // Serving nodes get the cluster's secret; worker-only nodes the
+            // worker secret derived from it.
+            let expected = if cluster_agent::join::JoinKeys::holds_worker_secret(node) {
+                cluster_agent::join::JoinKeys::worker_secret(SECRET, &loaded.cluster.name).to_vec()
+            } else {
+                SECRET.to_vec()
+            };
             assert_eq!(
                 file("/etc/cluster-config/secrets/join-secret"),
-                SECRET,
+                expected,
                 "{what}"
             );
             let secret = ign

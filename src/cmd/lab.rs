@@ -28,6 +28,7 @@ const KUBE_MASTER_BINARIES: [&str; 3] = [
     "kube-controller-manager",
     "kube-scheduler",
 ];
+const LAB_CLUSTER: &str = "lab";
 const UP_DEADLINE: Duration = Duration::from_secs(900);
 
 /// What `lab up` wrote, for `status` and `down`.
@@ -99,7 +100,7 @@ fn cluster_yaml(nodes: &[LabNode], netns: bool) -> String {
     let net = if netns { BRIDGE_NET } else { LOOPBACK_NET };
     let prefix = format!("{}.{}.{}", net[0], net[1], net[2]);
     let mut yaml = format!(
-        "# Written by `cluster-agent lab up`.\ncluster:\n  name: lab\n  control_plane_endpoint: {}:6443\n  networking:\n    prefix_length: 24\n  ceph:\n    public_network: {prefix}.0/24\nnodes:\n",
+        "# Written by `cluster-agent lab up`.\ncluster:\n  name: {LAB_CLUSTER}\n  control_plane_endpoint: {}:6443\n  networking:\n    prefix_length: 24\n  ceph:\n    public_network: {prefix}.0/24\nnodes:\n",
         nodes[0].ip
     );
     for n in nodes {
@@ -205,9 +206,20 @@ async fn up(args: &LabUpArgs) -> Result<i32, CliError> {
             yaml.as_bytes(),
             crate::fsutil::PUBLIC_MODE,
         )?;
+        // As `render ignition` ships it: worker-only nodes get the worker
+        // secret derived from the cluster's.
+        let config = crate::config::load(paths.config_dir())?;
+        let spec = config
+            .node(&node.name)
+            .expect("the lab's cluster.yaml lists every lab node");
+        let node_secret = if crate::join::JoinKeys::holds_worker_secret(spec) {
+            crate::join::JoinKeys::worker_secret(&secret, LAB_CLUSTER).to_vec()
+        } else {
+            secret.to_vec()
+        };
         write(
             paths.config_dir().join(crate::config::JOIN_SECRET_FILE),
-            &secret,
+            &node_secret,
             crate::fsutil::SECRET_MODE,
         )?;
         let wanted: &[&str] = if node.roles.iter().any(|r| r == "control-plane") {

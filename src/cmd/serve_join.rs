@@ -20,7 +20,7 @@ pub async fn serve_join(
     let (node, _) = target(global, paths, &config)?;
     // A missing or exposed secret is configuration: restarting cannot fix
     // it (the unit's RestartPreventExitStatus=2).
-    let keys = JoinKeys::load(paths, &config.cluster.name)
+    let keys = JoinKeys::load(paths, &config, node)
         .map_err(|e| CliError::Usage(crate::error_chain(&e)))?;
     let listen = args.listen.unwrap_or(SocketAddr::new(
         IpAddr::V4(node.ip),

@@ -205,7 +205,7 @@ impl JoinSession<'_> {
         };
         let nonce = random_nonce();
         let timestamp = now_unix();
-        let proof = self.client.keys.proof(
+        let Some(proof) = self.client.keys.proof(
             &exporter,
             &ProofFields {
                 node: me,
@@ -213,7 +213,9 @@ impl JoinSession<'_> {
                 timestamp,
                 nonce: &nonce,
             },
-        );
+        ) else {
+            return Err(JoinError::NotEntitled { purpose });
+        };
         let body = serde_json::to_vec(&JoinRequest {
             version: PROTOCOL_VERSION,
             node: me.clone(),

@@ -11,7 +11,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use ring::{aead, hkdf, hmac};
 
 use super::{EXPORTER_LEN, JoinError, NONCE_LEN, Purpose};
-use crate::config::JOIN_SECRET_FILE;
+use crate::config::{ClusterConfig, JOIN_SECRET_FILE, NodeRole, NodeSpec};
 use crate::paths::HostPaths;
 
 /// `gen-join-secret` writes 32 bytes; anything shorter is not one of ours
@@ -24,11 +24,51 @@ const SEAL_CONTEXT: &[u8] = b"cluster-agent-join-v1 answer\0";
 pub type Exporter = [u8; EXPORTER_LEN];
 pub type Nonce = [u8; NONCE_LEN];
 
-/// Keys derived from the join secret, per cluster name, so one secret
-/// reused by mistake for two clusters still gives each its own keys.
-pub struct JoinKeys {
+/// The two keys of one secret: the client's proof, the server's seal.
+struct KeySet {
     proof: hmac::Key,
     seal: aead::LessSafeKey,
+}
+
+impl KeySet {
+    fn derive(secret: &[u8], cluster_name: &str) -> KeySet {
+        KeySet {
+            proof: hmac::Key::new(
+                hmac::HMAC_SHA256,
+                &expand(secret, cluster_name, b"request proof"),
+            ),
+            seal: aead::LessSafeKey::new(
+                aead::UnboundKey::new(
+                    &aead::CHACHA20_POLY1305,
+                    &expand(secret, cluster_name, b"answer seal"),
+                )
+                .expect("a 32-byte key fits ChaCha20-Poly1305"),
+            ),
+        }
+    }
+}
+
+/// 32 bytes of HKDF-SHA256 from `secret`, per cluster name and label: one
+/// secret reused by mistake for two clusters still gives each its own keys.
+fn expand(secret: &[u8], cluster_name: &str, label: &[u8]) -> [u8; 32] {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(secret);
+    let info = [cluster_name.as_bytes(), b"\0", label];
+    let mut out = [0u8; 32];
+    prk.expand(&info, Len(32))
+        .and_then(|okm| okm.fill(&mut out))
+        .expect("HKDF-SHA256 output of 32 bytes is always valid");
+    out
+}
+
+/// Keys derived from the join secret. The cluster's secret is held by the
+/// nodes that serve (control-plane and ceph-mon nodes); worker-only nodes
+/// hold only the *worker secret* derived from it (`render ignition` ships
+/// them that), which gives the worker-purpose keys and nothing else. So a
+/// compromised worker cannot even form a request for CA or Ceph keys.
+pub struct JoinKeys {
+    worker: KeySet,
+    /// `None` on a worker-only node.
+    cluster: Option<KeySet>,
 }
 
 impl std::fmt::Debug for JoinKeys {
@@ -46,28 +86,40 @@ impl hkdf::KeyType for Len {
 }
 
 impl JoinKeys {
+    /// From the cluster's join secret: every purpose.
     pub fn derive(secret: &[u8], cluster_name: &str) -> JoinKeys {
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(secret);
-        let expand = |purpose: &[u8], len: usize| -> Vec<u8> {
-            let info = [cluster_name.as_bytes(), b"\0", purpose];
-            let mut out = vec![0u8; len];
-            prk.expand(&info, Len(len))
-                .and_then(|okm| okm.fill(&mut out))
-                .expect("HKDF-SHA256 output of 32 bytes is always valid");
-            out
-        };
-        let proof = hmac::Key::new(hmac::HMAC_SHA256, &expand(b"request proof", 32));
-        let seal = aead::LessSafeKey::new(
-            aead::UnboundKey::new(&aead::CHACHA20_POLY1305, &expand(b"answer seal", 32))
-                .expect("a 32-byte key fits ChaCha20-Poly1305"),
-        );
-        JoinKeys { proof, seal }
+        JoinKeys {
+            worker: KeySet::derive(&Self::worker_secret(secret, cluster_name), cluster_name),
+            cluster: Some(KeySet::derive(secret, cluster_name)),
+        }
     }
 
-    /// Reads `<config-dir>/secrets/join-secret` and derives the keys. A
-    /// secret others can read is refused: it would let any local user join
-    /// machines to the cluster.
-    pub fn load(paths: &HostPaths, cluster_name: &str) -> Result<JoinKeys, JoinError> {
+    /// From a worker secret: the `worker` purpose only.
+    pub fn derive_worker_only(worker_secret: &[u8], cluster_name: &str) -> JoinKeys {
+        JoinKeys {
+            worker: KeySet::derive(worker_secret, cluster_name),
+            cluster: None,
+        }
+    }
+
+    /// What a worker-only node holds instead of the cluster's secret.
+    pub fn worker_secret(secret: &[u8], cluster_name: &str) -> [u8; 32] {
+        expand(secret, cluster_name, b"worker secret")
+    }
+
+    /// Whether `node` holds the worker secret rather than the cluster's.
+    pub fn holds_worker_secret(node: &NodeSpec) -> bool {
+        !node.is_control_plane() && !node.has_role(NodeRole::CephMon)
+    }
+
+    /// Reads `<config-dir>/secrets/join-secret` and derives the keys this
+    /// node's roles call for. A secret others can read is refused: it would
+    /// let any local user join machines to the cluster.
+    pub fn load(
+        paths: &HostPaths,
+        config: &ClusterConfig,
+        node: &NodeSpec,
+    ) -> Result<JoinKeys, JoinError> {
         let path = paths.config_dir().join(JOIN_SECRET_FILE);
         let read_err = |source| JoinError::SecretRead {
             path: path.clone(),
@@ -79,22 +131,27 @@ impl JoinKeys {
             return Err(JoinError::SecretExposed { path, mode });
         }
         let secret = std::fs::read(&path).map_err(read_err)?;
-        Self::from_secret(&secret, cluster_name, &path)
+        check_len(&secret, &path)?;
+        let name = &config.cluster.name;
+        Ok(if Self::holds_worker_secret(node) {
+            JoinKeys::derive_worker_only(&secret, name)
+        } else {
+            JoinKeys::derive(&secret, name)
+        })
     }
 
-    fn from_secret(secret: &[u8], cluster_name: &str, path: &Path) -> Result<JoinKeys, JoinError> {
-        if secret.len() < MIN_SECRET_LEN {
-            return Err(JoinError::SecretInvalid {
-                path: path.to_path_buf(),
-                reason: format!("{} bytes, at least {MIN_SECRET_LEN} needed", secret.len()),
-            });
+    fn keys(&self, purpose: Purpose) -> Option<&KeySet> {
+        match purpose {
+            Purpose::Worker => Some(&self.worker),
+            Purpose::ControlPlane | Purpose::CephMon => self.cluster.as_ref(),
         }
-        Ok(JoinKeys::derive(secret, cluster_name))
     }
 
-    /// The client's proof over everything the server acts on.
-    pub fn proof(&self, exporter: &Exporter, fields: &ProofFields<'_>) -> hmac::Tag {
-        hmac::sign(&self.proof, &fields.message(exporter))
+    /// The client's proof over everything the server acts on; `None` when
+    /// this node's secret does not cover `purpose`.
+    pub fn proof(&self, exporter: &Exporter, fields: &ProofFields<'_>) -> Option<hmac::Tag> {
+        let keys = self.keys(fields.purpose)?;
+        Some(hmac::sign(&keys.proof, &fields.message(exporter)))
     }
 
     /// Constant-time check of a proof (ring's `hmac::verify`).
@@ -104,7 +161,8 @@ impl JoinKeys {
         fields: &ProofFields<'_>,
         proof: &[u8],
     ) -> bool {
-        hmac::verify(&self.proof, &fields.message(exporter), proof).is_ok()
+        self.keys(fields.purpose)
+            .is_some_and(|k| hmac::verify(&k.proof, &fields.message(exporter), proof).is_ok())
     }
 
     /// Seals `plaintext` for the client that sent `request_nonce` on this
@@ -116,20 +174,21 @@ impl JoinKeys {
         node: &str,
         purpose: Purpose,
         plaintext: &[u8],
-    ) -> (String, String) {
+    ) -> Option<(String, String)> {
+        let keys = self.keys(purpose)?;
         let mut nonce = [0u8; aead::NONCE_LEN];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
             .expect("the OS random source failed");
         let aad = seal_aad(exporter, request_nonce, node, purpose);
         let mut data = plaintext.to_vec();
-        self.seal
+        keys.seal
             .seal_in_place_append_tag(
                 aead::Nonce::assume_unique_for_key(nonce),
                 aead::Aad::from(aad),
                 &mut data,
             )
             .expect("ChaCha20-Poly1305 seals any length we send");
-        (B64.encode(nonce), B64.encode(data))
+        Some((B64.encode(nonce), B64.encode(data)))
     }
 
     /// Opens an answer; `None` for anything not sealed by a holder of the
@@ -143,10 +202,11 @@ impl JoinKeys {
         nonce_b64: &str,
         sealed_b64: &str,
     ) -> Option<Vec<u8>> {
+        let keys = self.keys(purpose)?;
         let nonce: [u8; aead::NONCE_LEN] = B64.decode(nonce_b64).ok()?.try_into().ok()?;
         let mut data = B64.decode(sealed_b64).ok()?;
         let aad = seal_aad(exporter, request_nonce, node, purpose);
-        let plain = self
+        let plain = keys
             .seal
             .open_in_place(
                 aead::Nonce::assume_unique_for_key(nonce),
@@ -156,6 +216,16 @@ impl JoinKeys {
             .ok()?;
         Some(plain.to_vec())
     }
+}
+
+fn check_len(secret: &[u8], path: &Path) -> Result<(), JoinError> {
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(JoinError::SecretInvalid {
+            path: path.to_path_buf(),
+            reason: format!("{} bytes, at least {MIN_SECRET_LEN} needed", secret.len()),
+        });
+    }
+    Ok(())
 }
 
 /// The request fields a proof covers.
@@ -222,7 +292,7 @@ mod tests {
         let keys = JoinKeys::derive(&SECRET, "prod");
         let nonce = [1u8; NONCE_LEN];
         let exporter = [2u8; EXPORTER_LEN];
-        let tag = keys.proof(&exporter, &fields(&nonce));
+        let tag = keys.proof(&exporter, &fields(&nonce)).unwrap();
         assert!(keys.verify_proof(&exporter, &fields(&nonce), tag.as_ref()));
 
         let other_session = [3u8; EXPORTER_LEN];
@@ -260,7 +330,9 @@ mod tests {
         let keys = JoinKeys::derive(&SECRET, "prod");
         let exporter = [2u8; EXPORTER_LEN];
         let nonce = [1u8; NONCE_LEN];
-        let (n, sealed) = keys.seal(&exporter, &nonce, "w-1", Purpose::Worker, b"material");
+        let (n, sealed) = keys
+            .seal(&exporter, &nonce, "w-1", Purpose::Worker, b"material")
+            .unwrap();
         assert_eq!(
             keys.open(&exporter, &nonce, "w-1", Purpose::Worker, &n, &sealed)
                 .as_deref(),
@@ -319,7 +391,42 @@ mod tests {
 
     #[test]
     fn short_secret_is_refused() {
-        let err = JoinKeys::from_secret(&[1u8; 16], "prod", Path::new("/s")).unwrap_err();
+        let err = check_len(&[1u8; 16], Path::new("/s")).unwrap_err();
         assert!(err.to_string().contains("16 bytes"), "{err}");
+    }
+
+    #[test]
+    fn the_worker_secret_opens_worker_requests_only() {
+        let cluster = JoinKeys::derive(&SECRET, "prod");
+        let worker =
+            JoinKeys::derive_worker_only(&JoinKeys::worker_secret(&SECRET, "prod"), "prod");
+        let exporter = [2u8; EXPORTER_LEN];
+        let nonce = [1u8; NONCE_LEN];
+        let as_worker = fields(&nonce);
+        let tag = worker.proof(&exporter, &as_worker).unwrap();
+        assert!(cluster.verify_proof(&exporter, &as_worker, tag.as_ref()));
+        let (n, sealed) = cluster
+            .seal(&exporter, &nonce, "w-1", Purpose::Worker, b"m")
+            .unwrap();
+        assert!(
+            worker
+                .open(&exporter, &nonce, "w-1", Purpose::Worker, &n, &sealed)
+                .is_some()
+        );
+        for purpose in [Purpose::ControlPlane, Purpose::CephMon] {
+            let f = ProofFields {
+                purpose,
+                ..fields(&nonce)
+            };
+            assert!(worker.proof(&exporter, &f).is_none(), "{purpose}");
+            // Nor can a worker key pass for the cluster's.
+            let forged = hmac::sign(&worker.worker.proof, &f.message(&exporter));
+            assert!(
+                !cluster.verify_proof(&exporter, &f, forged.as_ref()),
+                "{purpose}"
+            );
+        }
+        // The cluster secret itself is not derivable from the worker's.
+        assert_ne!(JoinKeys::worker_secret(&SECRET, "prod"), SECRET);
     }
 }

@@ -208,6 +208,10 @@ pub enum JoinError {
         waited: std::time::Duration,
         failures: String,
     },
+    #[error(
+        "this node holds the worker join secret, which cannot ask for {purpose} material; a node with that role needs the cluster's join secret (re-render its Ignition config)"
+    )]
+    NotEntitled { purpose: Purpose },
     #[error("TLS setup: {0}")]
     Tls(String),
 }

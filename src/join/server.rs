@@ -455,9 +455,18 @@ impl JoinServer {
             Err(why) => return Answer::Refused(StatusCode::SERVICE_UNAVAILABLE, why.0),
         };
         let plain = serde_json::to_vec(&material).expect("material serialises");
-        let (aead_nonce, sealed) =
+        let Some((aead_nonce, sealed)) =
             self.keys
-                .seal(&conn.exporter, &nonce, &node.name, request.purpose, &plain);
+                .seal(&conn.exporter, &nonce, &node.name, request.purpose, &plain)
+        else {
+            // A server holds the cluster's secret (serve-join runs only on
+            // control-plane and ceph-mon nodes), so this is a worker secret
+            // on a node configured otherwise.
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this node holds only a worker join secret",
+            );
+        };
         tracing::info!(node = %node.name, purpose = %request.purpose, "served join material");
         Answer::Sealed(SealedAnswer {
             version: PROTOCOL_VERSION,

@@ -180,7 +180,7 @@ fn mon_servers(ctx: &Context) -> Vec<std::net::SocketAddr> {
 
 async fn fetch_bootstrap(ctx: &Context) -> Result<CephBootstrap, StepError> {
     let client = crate::join::JoinClient::new(
-        crate::join::JoinKeys::load(&ctx.paths, &ctx.config.cluster.name)?,
+        crate::join::JoinKeys::load(&ctx.paths, &ctx.config, &ctx.node)?,
         &ctx.node.name,
         std::net::IpAddr::V4(ctx.node.ip),
     );

@@ -227,7 +227,7 @@ impl Step for PkiCas {
 /// service, authenticated and decrypted with the join secret.
 async fn fetch_cas(ctx: &Context) -> Result<pki::CaBundle, StepError> {
     let client = crate::join::JoinClient::new(
-        crate::join::JoinKeys::load(&ctx.paths, &ctx.config.cluster.name)?,
+        crate::join::JoinKeys::load(&ctx.paths, &ctx.config, &ctx.node)?,
         &ctx.node.name,
         std::net::IpAddr::V4(ctx.node.ip),
     );

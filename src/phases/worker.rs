@@ -86,7 +86,7 @@ impl Step for FetchJoinMaterial {
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         let client = JoinClient::new(
-            JoinKeys::load(&ctx.paths, &ctx.config.cluster.name)?,
+            JoinKeys::load(&ctx.paths, &ctx.config, &ctx.node)?,
             &ctx.node.name,
             std::net::IpAddr::V4(ctx.node.ip),
         );

@@ -144,7 +144,8 @@ pub fn read_join_secret(config_dir: &std::path::Path) -> Result<Vec<u8>, Ignitio
 }
 
 /// The Ignition config for `node`: the configuration files as read
-/// (`sources`), the node's identity, the join secret (0600 in a 0700 dir),
+/// (`sources`), the node's identity, the join secret (0600 in a 0700 dir;
+/// a worker-only node gets the worker secret derived from it),
 /// its hostname and networkd file (the same bytes the `node` phase writes),
 /// and the units. The paths are the machine's, whatever `--config-dir` the
 /// operator rendered from.
@@ -168,7 +169,14 @@ pub fn render(
         PUBLIC_MODE,
         format!("{}\n", node.name).as_bytes(),
     ));
-    files.push(file(etc(JOIN_SECRET_FILE), SECRET_MODE, join_secret));
+    // Worker-only nodes get the worker secret derived from the cluster's:
+    // enough to join, not enough to ask for CA or Ceph keys.
+    let secret = if crate::join::JoinKeys::holds_worker_secret(node) {
+        crate::join::JoinKeys::worker_secret(join_secret, &config.cluster.name).to_vec()
+    } else {
+        join_secret.to_vec()
+    };
+    files.push(file(etc(JOIN_SECRET_FILE), SECRET_MODE, &secret));
     files.push(file(
         HOSTNAME_FILE.to_string(),
         PUBLIC_MODE,

@@ -96,7 +96,15 @@ impl Cluster {
         let secret: [u8; 32] = rand::random();
         for node in &cluster.nodes {
             cluster.write_config(&node.name, &cluster.cluster_yaml());
-            cluster.write_join_secret(&node.name, &secret);
+            // As `render ignition` ships it: worker-only nodes get the worker
+            // secret derived from the cluster's.
+            let worker_only = node.roles.iter().all(|r| *r == "worker");
+            if worker_only {
+                let derived = cluster_agent::join::JoinKeys::worker_secret(&secret, "test");
+                cluster.write_join_secret(&node.name, &derived);
+            } else {
+                cluster.write_join_secret(&node.name, &secret);
+            }
         }
         cluster
     }
