@@ -277,6 +277,14 @@ mod tests {
     use super::*;
     use k8s_openapi::api::certificates::v1::CertificateSigningRequestSpec;
 
+    mod node_csr {
+        include!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/support/node_csr.rs"
+        ));
+    }
+    use node_csr::node_csr_pem;
+
     fn config() -> ClusterConfig {
         crate::config::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/example"))
             .unwrap()
@@ -286,17 +294,7 @@ mod tests {
     /// and groups from the requester's credentials).
     fn csr(user: &str, groups: &[&str], cn: &str, sans: &[&str]) -> CertificateSigningRequest {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params =
-            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::OrganizationName, "system:nodes");
-        let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+        let pem = node_csr_pem(&key, cn, sans);
         CertificateSigningRequest {
             metadata: Default::default(),
             spec: CertificateSigningRequestSpec {

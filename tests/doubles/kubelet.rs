@@ -18,6 +18,10 @@ use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
 
+#[path = "../support/node_csr.rs"]
+mod node_csr;
+use node_csr::node_csr_pem;
+
 fn flags() -> BTreeMap<String, String> {
     std::env::args()
         .skip(1)
@@ -26,18 +30,6 @@ fn flags() -> BTreeMap<String, String> {
             Some((k.to_string(), v.to_string()))
         })
         .collect()
-}
-
-fn csr(name: &str, key: &rcgen::KeyPair, sans: Vec<String>) -> String {
-    let mut params = rcgen::CertificateParams::new(sans).unwrap();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("system:node:{name}"));
-    params
-        .distinguished_name
-        .push(rcgen::DnType::OrganizationName, "system:nodes");
-    params.serialize_request(key).unwrap().pem().unwrap()
 }
 
 async fn submit(
@@ -93,7 +85,7 @@ async fn main() {
         let csr_name = submit(
             &api,
             "node-csr-",
-            &csr(&name, &key, vec![]),
+            &node_csr_pem(&key, &format!("system:node:{name}"), &[]),
             "kubernetes.io/kube-apiserver-client-kubelet",
             &["digital signature", "client auth"],
         )
@@ -171,7 +163,7 @@ async fn main() {
     submit(
         &csrs,
         "csr-",
-        &csr(&name, &serving_key, vec![name.clone(), ip]),
+        &node_csr_pem(&serving_key, &format!("system:node:{name}"), &[&name, &ip]),
         "kubernetes.io/kubelet-serving",
         &["digital signature", "server auth"],
     )

@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 
 pub mod dbus;
 pub mod etcd;
+pub mod node_csr;
 pub mod nspawn;
 pub mod systemd1_double;
 
