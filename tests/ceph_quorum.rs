@@ -28,13 +28,29 @@ fn mons(names: &[&'static str]) -> Cluster {
     spec.extend(names.iter().map(|n| (*n, &["ceph-mon"][..])));
     let c = Cluster::new(&spec);
     for n in names {
-        // The test machines' disks are fuller than Ceph's 30 % free-space
-        // warning allows; operators set such overrides the same way.
-        let defaults = c.root(n).join("etc/default/ceph");
-        std::fs::create_dir_all(defaults.parent().unwrap()).unwrap();
-        std::fs::write(&defaults, "CEPH_ARGS=\"--mon_data_avail_warn=1\"\n").unwrap();
+        allow_full_disk(&c, n);
     }
     c
+}
+
+/// The test machines' disks are fuller than Ceph's 30 % free-space warning
+/// allows; operators set such overrides the same way.
+fn allow_full_disk(c: &Cluster, node: &str) {
+    let defaults = c.root(node).join("etc/default/ceph");
+    std::fs::create_dir_all(defaults.parent().unwrap()).unwrap();
+    std::fs::write(&defaults, "CEPH_ARGS=\"--mon_data_avail_warn=1\"\n").unwrap();
+}
+
+/// The monitors in quorum, sorted (Ceph lists them by rank).
+fn quorum_names(status: &serde_json::Value) -> Vec<String> {
+    let mut names: Vec<String> = status["quorum_names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
 }
 
 /// `ceph` as an operator on `node` runs it: its ceph.conf and admin key.
@@ -81,14 +97,7 @@ fn fsid(c: &Cluster, node: &str) -> String {
 /// every node, every Ceph step done, `HEALTH_OK`.
 fn assert_quorum(c: &Cluster, nodes: &[&str]) {
     let status = ceph_json(c, nodes[0], &["quorum_status"]);
-    let mut quorum: Vec<String> = status["quorum_names"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_str().unwrap().to_string())
-        .collect();
-    quorum.sort();
-    assert_eq!(quorum, nodes, "{status:#}");
+    assert_eq!(quorum_names(&status), nodes, "{status:#}");
     let monmap: Vec<&str> = status["monmap"]["mons"]
         .as_array()
         .unwrap()
@@ -271,9 +280,7 @@ fn monitors_seed_when_the_kubernetes_side_fails() {
         ("cp-1", &["control-plane"]),
         ("cp-2", &["control-plane", "ceph-mon"]),
     ]);
-    let defaults = c.root("cp-2").join("etc/default/ceph");
-    std::fs::create_dir_all(defaults.parent().unwrap()).unwrap();
-    std::fs::write(&defaults, "CEPH_ARGS=\"--mon_data_avail_warn=1\"\n").unwrap();
+    allow_full_disk(&c, "cp-2");
     // cp-1 never runs, so cp-2's etcd join cannot get the CAs; make it fail
     // fast instead of waiting out its deadline.
     std::fs::remove_file(c.config_dir("cp-2").join("secrets/join-secret")).unwrap();
@@ -291,11 +298,7 @@ fn monitors_seed_when_the_kubernetes_side_fails() {
         .all(|(_, st)| st == "done");
     assert!(ceph_done, "{outcome:?}");
     let status = ceph_json(&c, "cp-2", &["quorum_status"]);
-    assert_eq!(
-        status["quorum_names"],
-        serde_json::json!(["cp-2"]),
-        "{status:#}"
-    );
+    assert_eq!(quorum_names(&status), ["cp-2"], "{status:#}");
 }
 
 /// `reset` on a monitor takes it out of the monmap through the quorum
@@ -317,11 +320,7 @@ fn reset_leaves_the_monmap_and_run_rejoins() {
     let out = c.run("m-3", &["reset", "--yes"]);
     assert!(out.status.success(), "{}", text(&out));
     let status = ceph_json(&c, "m-1", &["quorum_status"]);
-    assert_eq!(
-        status["quorum_names"],
-        serde_json::json!(["m-1", "m-2"]),
-        "{status:#}"
-    );
+    assert_eq!(quorum_names(&status), ["m-1", "m-2"], "{status:#}");
     assert_eq!(status["monmap"]["mons"].as_array().unwrap().len(), 2);
     assert!(!c.root("m-3").join("var/lib/ceph/mon/ceph-m-3").exists());
     run_ok(&c, "m-3");

@@ -59,6 +59,34 @@ fn assert_voters(rig: &Rig, asked: &str, expected: &[&str]) {
     );
 }
 
+/// `ceph quorum_status` inside `node`, with the /etc/ceph files the phase
+/// wrote.
+fn ceph_quorum_status(rig: &Rig, node: &str) -> serde_json::Value {
+    let out = rig.exec(
+        node,
+        "ceph",
+        &["--connect-timeout", "20", "quorum_status", "-f", "json"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The monitors in quorum, sorted (Ceph lists them by rank).
+fn quorum_names(status: &serde_json::Value) -> Vec<&str> {
+    let mut names: Vec<&str> = status["quorum_names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.as_str())
+        .collect();
+    names.sort();
+    names
+}
+
 /// Waits until `node`'s bootstrap unit has finished successfully; fails at
 /// once, with the agent's log, if it failed. Calls `seen` with every
 /// STATUS= text along the way.
@@ -118,25 +146,8 @@ fn cold_rack_bootstraps_through_real_systemd() {
     assert_voters(&rig, "cp-1", &masters);
     // Ceph: one quorum of the three monitors, asked from a monitor-only
     // node with the standard /etc/ceph files the phase wrote.
-    let quorum = rig.exec(
-        "m-1",
-        "ceph",
-        &["--connect-timeout", "20", "quorum_status", "-f", "json"],
-    );
-    assert!(
-        quorum.status.success(),
-        "{}",
-        String::from_utf8_lossy(&quorum.stderr)
-    );
-    let quorum: serde_json::Value = serde_json::from_slice(&quorum.stdout).unwrap();
-    let mut in_quorum: Vec<&str> = quorum["quorum_names"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|n| n.as_str())
-        .collect();
-    in_quorum.sort();
-    assert_eq!(in_quorum, ["cp-1", "cp-2", "m-1"], "{quorum:#}");
+    let quorum = ceph_quorum_status(&rig, "m-1");
+    assert_eq!(quorum_names(&quorum), ["cp-1", "cp-2", "m-1"], "{quorum:#}");
     for node in ["cp-1", "cp-2", "m-1"] {
         let mon = rig.unit(node, &format!("ceph-mon@{node}.service"));
         assert_eq!(mon["ActiveState"], "active", "{node}: {mon:?}");
@@ -248,22 +259,8 @@ fn reboots_mid_bootstrap_resume_and_converge() {
     }
     // cp-3's monitor, cut off at a random moment, joined the one Ceph
     // cluster cp-1 seeded: one fsid, a quorum of both.
-    let quorum = rig.exec(
-        "cp-1",
-        "ceph",
-        &["--connect-timeout", "20", "quorum_status", "-f", "json"],
-    );
-    assert!(
-        quorum.status.success(),
-        "{}",
-        String::from_utf8_lossy(&quorum.stderr)
-    );
-    let quorum: serde_json::Value = serde_json::from_slice(&quorum.stdout).unwrap();
-    assert_eq!(
-        quorum["quorum_names"].as_array().map(Vec::len),
-        Some(2),
-        "{quorum:#}"
-    );
+    let quorum = ceph_quorum_status(&rig, "cp-1");
+    assert_eq!(quorum_names(&quorum), ["cp-1", "cp-3"], "{quorum:#}");
     for node in ["cp-1", "cp-3"] {
         let record: serde_json::Value = serde_json::from_slice(
             &std::fs::read(

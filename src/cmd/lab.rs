@@ -240,11 +240,12 @@ async fn up(args: &LabUpArgs) -> Result<i32, CliError> {
         netns: args.netns,
         nodes: nodes.clone(),
     };
-    std::fs::write(
-        record_path(dir),
-        serde_json::to_vec_pretty(&record).expect("serialisable"),
+    crate::fsutil::write_atomic(
+        &record_path(dir),
+        &serde_json::to_vec_pretty(&record).expect("serialisable"),
+        crate::fsutil::PUBLIC_MODE,
     )
-    .map_err(|e| CliError::Failed(format!("{}: {e}", record_path(dir).display())))?;
+    .map_err(|e| CliError::Failed(crate::error_chain(&e)))?;
     if args.netns {
         create_network(&nodes)?;
     }

@@ -27,10 +27,9 @@ use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
 
 use super::keys::{Exporter, ProofFields, random_nonce};
-use super::server::now_unix;
 use super::{
     EXPORTER_LABEL, EXPORTER_LEN, JOIN_PATH, JoinError, JoinKeys, JoinRequest, Material,
-    PROTOCOL_VERSION, Purpose, Refusal, SealedAnswer,
+    PROTOCOL_VERSION, Purpose, Refusal, SealedAnswer, now_unix,
 };
 use crate::wait::Backoff;
 
@@ -74,7 +73,8 @@ impl JoinClient {
         server: SocketAddr,
         purpose: Purpose,
     ) -> Result<Material, JoinError> {
-        tokio::time::timeout(ATTEMPT_TIMEOUT, self.exchange(server, purpose))
+        let exchange = async { self.connect(server).await?.request(purpose).await };
+        tokio::time::timeout(ATTEMPT_TIMEOUT, exchange)
             .await
             .unwrap_or_else(|_| {
                 Err(JoinError::Server {
@@ -127,10 +127,6 @@ impl JoinClient {
             }
             tokio::time::sleep(backoff.next_delay().min(deadline - elapsed)).await;
         }
-    }
-
-    async fn exchange(&self, server: SocketAddr, purpose: Purpose) -> Result<Material, JoinError> {
-        self.connect(server).await?.request(purpose).await
     }
 
     /// A TLS session to `server` that can carry several requests (each

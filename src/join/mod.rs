@@ -35,10 +35,23 @@ use crate::pki::CaBundle;
 pub use client::JoinClient;
 pub use keys::JoinKeys;
 
-/// The join services a node asks: every other control-plane node, in
-/// cluster.yaml's order.
-pub fn control_plane_servers(config: &ClusterConfig, me: &NodeSpec) -> Vec<SocketAddr> {
-    crate::role::ordered_nodes(config, NodeRole::ControlPlane)
+/// Seconds since the Unix epoch: request timestamps.
+pub(crate) fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The join services a node asks for `purpose`: every other node that holds
+/// that material — ceph-mon nodes for Ceph, control-plane nodes otherwise —
+/// in cluster.yaml's order.
+pub fn servers_for(config: &ClusterConfig, me: &NodeSpec, purpose: Purpose) -> Vec<SocketAddr> {
+    let holders = match purpose {
+        Purpose::CephMon => NodeRole::CephMon,
+        Purpose::ControlPlane | Purpose::Worker => NodeRole::ControlPlane,
+    };
+    crate::role::ordered_nodes(config, holders)
         .into_iter()
         .filter(|n| n.name != me.name)
         .map(|n| SocketAddr::new(IpAddr::V4(n.ip), config.cluster.bootstrap.join_port))

@@ -31,7 +31,7 @@ use super::keys::{Exporter, Nonce, ProofFields};
 use super::{
     EXPORTER_LABEL, EXPORTER_LEN, HEALTH_PATH, JOIN_PATH, JoinError, JoinKeys, JoinRequest,
     MAX_CLOCK_SKEW_SECS, MAX_REQUEST_BYTES, Material, NONCE_LEN, PROTOCOL_VERSION, Purpose,
-    Refusal, SealedAnswer, WorkerMaterial,
+    Refusal, SealedAnswer, WorkerMaterial, now_unix,
 };
 use crate::config::{ClusterConfig, NodeRole, NodeSpec};
 use crate::paths::HostPaths;
@@ -134,8 +134,24 @@ impl HostMaterial {
 #[async_trait]
 impl MaterialSource for HostMaterial {
     async fn material(&self, _node: &NodeSpec, purpose: Purpose) -> Result<Material, Unavailable> {
-        if purpose == Purpose::CephMon {
-            return match crate::phases::ceph::read_bootstrap(&self.paths) {
+        match purpose {
+            Purpose::ControlPlane => Ok(Material::ControlPlane { cas: self.cas()? }),
+            Purpose::Worker => {
+                let tokens = self.tokens.as_ref().ok_or_else(|| {
+                    Unavailable(
+                        "this node runs no Kubernetes API to mint bootstrap tokens with".into(),
+                    )
+                })?;
+                let ca_pem = self.cas()?.ca_crt;
+                let token = tokens.current().await?;
+                Ok(Material::Worker(WorkerMaterial {
+                    api_server: format!("https://{}", self.config.cluster.control_plane_endpoint),
+                    ca_pem,
+                    bootstrap_token: token.token,
+                    token_expires: token.expires,
+                }))
+            }
+            Purpose::CephMon => match crate::phases::ceph::read_bootstrap(&self.paths) {
                 Ok(Some(bootstrap)) => Ok(Material::CephMon(bootstrap)),
                 Ok(None) => Err(Unavailable(
                     "this node's Ceph monitor is not seeded yet".into(),
@@ -144,26 +160,7 @@ impl MaterialSource for HostMaterial {
                     "this node's Ceph record is unreadable: {}",
                     crate::error_chain(&e)
                 ))),
-            };
-        }
-        let cas = self.cas()?;
-        match purpose {
-            Purpose::ControlPlane => Ok(Material::ControlPlane { cas }),
-            Purpose::Worker => {
-                let tokens = self.tokens.as_ref().ok_or_else(|| {
-                    Unavailable(
-                        "this node runs no Kubernetes API to mint bootstrap tokens with".into(),
-                    )
-                })?;
-                let token = tokens.current().await?;
-                Ok(Material::Worker(WorkerMaterial {
-                    api_server: format!("https://{}", self.config.cluster.control_plane_endpoint),
-                    ca_pem: cas.ca_crt,
-                    bootstrap_token: token.token,
-                    token_expires: token.expires,
-                }))
-            }
-            Purpose::CephMon => unreachable!("answered above"),
+            },
         }
     }
 }
@@ -497,13 +494,6 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 fn decode_fixed<const N: usize>(text: &str) -> Option<[u8; N]> {
     B64.decode(text).ok()?.try_into().ok()
-}
-
-pub(crate) fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// Bootstrap tokens from the cluster's API with the node's admin.conf:

@@ -84,6 +84,15 @@ pub fn render_cluster_info(cluster: &str, server: &str, ca_pem: &str) -> String 
 
 /// A client from a kubeconfig file (TLS through rustls with ring).
 pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, K8sError> {
+    client_with_timeouts(path, PROBE_TIMEOUT, Duration::from_secs(30)).await
+}
+
+/// The same, for callers with a time budget (`status`).
+pub async fn client_with_timeouts(
+    path: &Path,
+    connect: Duration,
+    read: Duration,
+) -> Result<kube::Client, K8sError> {
     let bad = |reason: String| K8sError::Kubeconfig {
         path: path.to_path_buf(),
         reason,
@@ -92,8 +101,8 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, K8sErro
     let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .map_err(|e| bad(e.to_string()))?;
-    config.connect_timeout = Some(PROBE_TIMEOUT);
-    config.read_timeout = Some(Duration::from_secs(30));
+    config.connect_timeout = Some(connect);
+    config.read_timeout = Some(read);
     kube::Client::try_from(config).map_err(|e| bad(e.to_string()))
 }
 

@@ -123,26 +123,8 @@ fn keyring_path(ctx: &Context) -> PathBuf {
     ctx.paths.state_file(MON_KEYRING_FILE)
 }
 
-fn read_text(path: &std::path::Path) -> Result<Option<String>, StepError> {
-    fsutil::read_optional(path)
-        .map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned()))
-        .map_err(|source| StepError::Read {
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
 pub fn load_record(paths: &crate::paths::HostPaths) -> Result<Option<CephRecord>, StepError> {
-    let path = paths.state_file(RECORD_FILE);
-    let Some(text) = read_text(&path)? else {
-        return Ok(None);
-    };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| StepError::Corrupt {
-            path,
-            reason: e.to_string(),
-        })
+    super::load_record(&paths.state_file(RECORD_FILE))
 }
 
 fn require_record(ctx: &Context) -> Result<CephRecord, StepError> {
@@ -160,7 +142,7 @@ pub fn read_bootstrap(paths: &crate::paths::HostPaths) -> Result<Option<CephBoot
     let Some(record) = load_record(paths)? else {
         return Ok(None);
     };
-    let Some(mon_keyring) = read_text(&paths.state_file(MON_KEYRING_FILE))? else {
+    let Some(mon_keyring) = super::read_text(&paths.state_file(MON_KEYRING_FILE))? else {
         return Ok(None);
     };
     Ok(Some(CephBootstrap {
@@ -169,36 +151,12 @@ pub fn read_bootstrap(paths: &crate::paths::HostPaths) -> Result<Option<CephBoot
     }))
 }
 
-/// The other monitors' join services.
-fn mon_servers(ctx: &Context) -> Vec<std::net::SocketAddr> {
-    crate::role::ordered_nodes(&ctx.config, NodeRole::CephMon)
-        .into_iter()
-        .filter(|n| n.name != ctx.node.name)
-        .map(|n| std::net::SocketAddr::new(n.ip.into(), ctx.config.cluster.bootstrap.join_port))
-        .collect()
-}
-
 async fn fetch_bootstrap(ctx: &Context) -> Result<CephBootstrap, StepError> {
-    let client = crate::join::JoinClient::new(
-        crate::join::JoinKeys::load(&ctx.paths, &ctx.config, &ctx.node)?,
-        &ctx.node.name,
-        std::net::IpAddr::V4(ctx.node.ip),
-    );
-    match client
-        .fetch(
-            &mon_servers(ctx),
-            crate::join::Purpose::CephMon,
-            JOIN_WAIT,
-            |what| ctx.progress.waiting(what),
-        )
-        .await?
-    {
-        crate::join::Material::CephMon(bootstrap) => Ok(bootstrap),
-        other => Err(StepError::Precondition(format!(
-            "the join service answered with {} material to a ceph-mon request",
-            other.purpose()
-        ))),
-    }
+    super::fetch_join_material(ctx, crate::join::Purpose::CephMon, JOIN_WAIT, |m| match m {
+        crate::join::Material::CephMon(bootstrap) => Some(bootstrap),
+        _ => None,
+    })
+    .await
 }
 
 struct Discover;
@@ -249,8 +207,7 @@ impl Step for Discover {
                 }
             }
         };
-        let bytes = serde_json::to_vec_pretty(&record).expect("record serialises");
-        fsutil::write_atomic(&record_path(ctx), &bytes, PUBLIC_MODE)?;
+        super::save_record(&record_path(ctx), &record)?;
         tracing::info!(formation = ?record.formation, fsid = %record.fsid, "Ceph formation decided");
         Ok(Outcome::Done)
     }
@@ -267,7 +224,7 @@ impl Step for Keys {
         "generate the mon., client.admin and client.bootstrap-osd keys (seed) or check the fetched ones"
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
-        Ok(read_text(&keyring_path(ctx))?.is_some_and(|k| keyring_complete(&k)))
+        Ok(super::read_text(&keyring_path(ctx))?.is_some_and(|k| keyring_complete(&k)))
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         let record = require_record(ctx)?;
@@ -315,7 +272,7 @@ fn keyring_complete(text: &str) -> bool {
 /// and the mon keyring.
 fn rendered_files(ctx: &Context) -> Result<Vec<(PathBuf, String, u32)>, StepError> {
     let record = require_record(ctx)?;
-    let keyring = read_text(&keyring_path(ctx))?.unwrap_or_default();
+    let keyring = super::read_text(&keyring_path(ctx))?.unwrap_or_default();
     let entry = |entity: &str, caps: &[(&str, &str)]| -> Result<String, StepError> {
         let key = ceph::keyring_key(&keyring, entity).ok_or_else(|| StepError::Corrupt {
             path: keyring_path(ctx),
@@ -358,7 +315,7 @@ impl Step for Configure {
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
         for (path, text, _) in rendered_files(ctx)? {
-            if read_text(&path)?.as_deref() != Some(text.as_str()) {
+            if super::read_text(&path)?.as_deref() != Some(text.as_str()) {
                 return Ok(false);
             }
         }

@@ -297,13 +297,8 @@ impl Step for Binaries {
 
 fn ca_pem(ctx: &Context) -> Result<String, StepError> {
     let path = PkiPaths::new(&ctx.paths).ca(CaKind::Cluster).cert;
-    let bytes = fsutil::read_optional(&path)
-        .map_err(|source| StepError::Read {
-            path: path.clone(),
-            source,
-        })?
-        .ok_or_else(|| StepError::Precondition(format!("{} is missing", path.display())))?;
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
+    super::read_text(&path)?
+        .ok_or_else(|| StepError::Precondition(format!("{} is missing", path.display())))
 }
 
 /// `(path, text)` of every kubeconfig this node gets, the operator's copy in
@@ -353,11 +348,7 @@ impl Step for Kubeconfigs {
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
         for (path, text) in kubeconfigs(ctx)? {
-            let on_disk = fsutil::read_optional(&path).map_err(|source| StepError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            if on_disk.as_deref() != Some(text.as_bytes()) {
+            if super::read_text(&path)?.as_deref() != Some(text.as_str()) {
                 return Ok(false);
             }
         }

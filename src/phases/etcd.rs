@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use crate::engine::{Context, Outcome, Phase, Step, StepError};
 use crate::etcd::topology::{self, EtcdRecord, Formation};
 use crate::etcd::{EtcdClient, EtcdError, Member, member_id_hex};
-use crate::fsutil::{self, PUBLIC_MODE};
+use crate::join::{Material, Purpose};
 use crate::pki::{self, CaSource};
 use crate::role::Role;
 use crate::services;
@@ -84,20 +84,7 @@ fn record_path(ctx: &Context) -> std::path::PathBuf {
 }
 
 fn load_record(ctx: &Context) -> Result<Option<EtcdRecord>, StepError> {
-    let path = record_path(ctx);
-    let Some(bytes) = fsutil::read_optional(&path).map_err(|source| StepError::Read {
-        path: path.clone(),
-        source,
-    })?
-    else {
-        return Ok(None);
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| StepError::Corrupt {
-            path,
-            reason: e.to_string(),
-        })
+    super::load_record(&record_path(ctx))
 }
 
 fn require_record(ctx: &Context) -> Result<EtcdRecord, StepError> {
@@ -108,9 +95,7 @@ fn require_record(ctx: &Context) -> Result<EtcdRecord, StepError> {
 }
 
 fn save_record(ctx: &Context, record: &EtcdRecord) -> Result<(), StepError> {
-    let bytes = serde_json::to_vec_pretty(record).expect("record serialises");
-    fsutil::write_atomic(&record_path(ctx), &bytes, PUBLIC_MODE)?;
-    Ok(())
+    super::save_record(&record_path(ctx), record)
 }
 
 fn my_peer_url(ctx: &Context) -> String {
@@ -226,27 +211,11 @@ impl Step for PkiCas {
 /// The shared CA material from any other control-plane node's join
 /// service, authenticated and decrypted with the join secret.
 async fn fetch_cas(ctx: &Context) -> Result<pki::CaBundle, StepError> {
-    let client = crate::join::JoinClient::new(
-        crate::join::JoinKeys::load(&ctx.paths, &ctx.config, &ctx.node)?,
-        &ctx.node.name,
-        std::net::IpAddr::V4(ctx.node.ip),
-    );
-    let servers = crate::join::control_plane_servers(&ctx.config, &ctx.node);
-    let material = client
-        .fetch(
-            &servers,
-            crate::join::Purpose::ControlPlane,
-            MEMBERSHIP_WAIT,
-            |what| ctx.progress.waiting(what),
-        )
-        .await?;
-    match material {
-        crate::join::Material::ControlPlane { cas } => Ok(cas),
-        other => Err(StepError::Precondition(format!(
-            "the join service answered with {} material to a control-plane request",
-            other.purpose()
-        ))),
-    }
+    super::fetch_join_material(ctx, Purpose::ControlPlane, MEMBERSHIP_WAIT, |m| match m {
+        Material::ControlPlane { cas } => Some(cas),
+        _ => None,
+    })
+    .await
 }
 
 struct PkiCerts;

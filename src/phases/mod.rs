@@ -127,3 +127,70 @@ where
         }
     }
 }
+
+/// A file's text, `None` when it does not exist.
+pub(crate) fn read_text(
+    path: &std::path::Path,
+) -> Result<Option<String>, crate::engine::StepError> {
+    crate::fsutil::read_optional(path)
+        .map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned()))
+        .map_err(|source| crate::engine::StepError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// A phase's JSON record, `None` when it does not exist; one that does not
+/// parse is corrupt (the operator resets the node), never silently redone.
+pub(crate) fn load_record<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+) -> Result<Option<T>, crate::engine::StepError> {
+    let Some(text) = read_text(path)? else {
+        return Ok(None);
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| crate::engine::StepError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
+
+/// Writes a phase's JSON record atomically (temp, fsync, rename, fsync dir).
+pub(crate) fn save_record(
+    path: &std::path::Path,
+    record: &impl serde::Serialize,
+) -> Result<(), crate::engine::StepError> {
+    let bytes = serde_json::to_vec_pretty(record).expect("records serialise");
+    crate::fsutil::write_atomic(path, &bytes, crate::fsutil::PUBLIC_MODE)?;
+    Ok(())
+}
+
+/// `purpose` material from the join service of any other node that holds
+/// it, authenticated with this node's join secret; `extract` takes the
+/// variant the caller needs (the client already refuses an answer for
+/// another purpose).
+pub(crate) async fn fetch_join_material<T>(
+    ctx: &crate::engine::Context,
+    purpose: crate::join::Purpose,
+    deadline: std::time::Duration,
+    extract: impl FnOnce(crate::join::Material) -> Option<T>,
+) -> Result<T, crate::engine::StepError> {
+    let client = crate::join::JoinClient::new(
+        crate::join::JoinKeys::load(&ctx.paths, &ctx.config, &ctx.node)?,
+        &ctx.node.name,
+        std::net::IpAddr::V4(ctx.node.ip),
+    );
+    let servers = crate::join::servers_for(&ctx.config, &ctx.node, purpose);
+    let material = client
+        .fetch(&servers, purpose, deadline, |what| {
+            ctx.progress.waiting(what)
+        })
+        .await?;
+    let answered = material.purpose();
+    extract(material).ok_or_else(|| {
+        crate::engine::StepError::Precondition(format!(
+            "the join service answered with {answered} material to a {purpose} request"
+        ))
+    })
+}

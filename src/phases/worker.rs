@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use crate::engine::{Context, Outcome, Phase, Step, StepError};
 use crate::fsutil::{self, PUBLIC_MODE, SECRET_MODE};
-use crate::join::{JoinClient, JoinKeys, Material, Purpose, WorkerMaterial};
+use crate::join::{Material, Purpose, WorkerMaterial};
 use crate::k8s::{self, Credentials};
 use crate::services::{self, Unit};
 use crate::wait::Poll;
@@ -47,26 +47,19 @@ fn joined(ctx: &Context) -> bool {
     ctx.paths.host(CLIENT_CERT).exists()
 }
 
-fn read(path: &std::path::Path) -> Result<Option<String>, StepError> {
-    fsutil::read_optional(path)
-        .map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned()))
-        .map_err(|source| StepError::Read {
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
 /// The API server this node was told about, from its bootstrap kubeconfig.
 fn api_server(ctx: &Context) -> Result<String, StepError> {
     let path = ctx.paths.host(BOOTSTRAP_KUBECONFIG);
-    let text = read(&path)?.unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("server: "))
-        .map(str::to_string)
-        .ok_or_else(|| StepError::Corrupt {
-            path,
-            reason: "no server".into(),
-        })
+    let corrupt = |reason: String| StepError::Corrupt {
+        path: path.clone(),
+        reason,
+    };
+    kube::config::Kubeconfig::read_from(&path)
+        .map_err(|e| corrupt(e.to_string()))?
+        .clusters
+        .into_iter()
+        .find_map(|c| c.cluster?.server)
+        .ok_or_else(|| corrupt("no cluster server".into()))
 }
 
 struct FetchJoinMaterial;
@@ -85,29 +78,16 @@ impl Step for FetchJoinMaterial {
             || (ctx.paths.host(BOOTSTRAP_KUBECONFIG).exists() && ctx.paths.host(CA_FILE).exists()))
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
-        let client = JoinClient::new(
-            JoinKeys::load(&ctx.paths, &ctx.config, &ctx.node)?,
-            &ctx.node.name,
-            std::net::IpAddr::V4(ctx.node.ip),
-        );
-        let servers = crate::join::control_plane_servers(&ctx.config, &ctx.node);
-        let material = client
-            .fetch(&servers, Purpose::Worker, JOIN_WAIT, |what| {
-                ctx.progress.waiting(what)
-            })
-            .await?;
-        let Material::Worker(WorkerMaterial {
+        let WorkerMaterial {
             api_server,
             ca_pem,
             bootstrap_token,
             token_expires,
-        }) = material
-        else {
-            return Err(StepError::Precondition(format!(
-                "the join service answered with {} material to a worker request",
-                material.purpose()
-            )));
-        };
+        } = super::fetch_join_material(ctx, Purpose::Worker, JOIN_WAIT, |m| match m {
+            Material::Worker(worker) => Some(worker),
+            _ => None,
+        })
+        .await?;
         fsutil::write_atomic(&ctx.paths.host(CA_FILE), ca_pem.as_bytes(), PUBLIC_MODE)?;
         let kubeconfig = k8s::render_kubeconfig(
             &ctx.config.cluster.name,
@@ -201,7 +181,7 @@ impl Step for VersionSkew {
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         let kubelet = kubelet_version(&kubelet_binary(ctx)?).await?;
-        let ca = read(&ctx.paths.host(CA_FILE))?.unwrap_or_default();
+        let ca = super::read_text(&ctx.paths.host(CA_FILE))?.unwrap_or_default();
         let (cluster, source) = match k8s::server_version(&api_server(ctx)?, &ca).await {
             Ok(v) => (v, "the API server's /version"),
             Err(e) => {
@@ -288,7 +268,7 @@ impl Step for KubeletConfig {
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
         let unit = render_kubelet_unit(&ctx.paths, &ctx.node);
-        Ok(read(&ctx.paths.host(CONFIG_FILE))?.as_deref()
+        Ok(super::read_text(&ctx.paths.host(CONFIG_FILE))?.as_deref()
             == Some(render_kubelet_config(ctx).as_str())
             && services::unit_installed(&ctx.paths, &unit)?
             && services::unit_enabled(&ctx.paths, &unit))

@@ -190,10 +190,7 @@ impl Server {
 
     async fn get(&self, key: &str) -> Option<Value> {
         let resp = self.etcd.lock().await.get(key, None).await.ok()?;
-        let kv = resp.kvs().first()?;
-        let mut v: Value = serde_json::from_slice(kv.value()).ok()?;
-        v["metadata"]["resourceVersion"] = json!(kv.mod_revision().to_string());
-        Some(v)
+        stored_object(resp.kvs().first()?)
     }
 
     async fn list(&self, prefix: &str) -> Vec<Value> {
@@ -206,35 +203,15 @@ impl Server {
         else {
             return Vec::new();
         };
-        resp.kvs()
-            .iter()
-            .filter_map(|kv| {
-                let mut v: Value = serde_json::from_slice(kv.value()).ok()?;
-                v["metadata"]["resourceVersion"] = json!(kv.mod_revision().to_string());
-                Some(v)
-            })
-            .collect()
+        resp.kvs().iter().filter_map(stored_object).collect()
     }
 
-    /// Creates `key` only if absent (etcd transaction, as the real one):
-    /// `Ok(false)` when it exists.
-    async fn create(&self, key: &str, value: &Value) -> Result<bool, String> {
+    /// Writes `key` only if `condition` holds, in one etcd transaction as
+    /// the real one: create-if-absent, or update-if-unchanged
+    /// (resourceVersion). `Ok(false)` when the condition failed.
+    async fn put_if(&self, key: &str, value: &Value, condition: Compare) -> Result<bool, String> {
         let txn = Txn::new()
-            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, value.to_string(), None)]);
-        self.etcd
-            .lock()
-            .await
-            .txn(txn)
-            .await
-            .map(|r| r.succeeded())
-            .map_err(|e| e.to_string())
-    }
-
-    /// Writes `key` if it is still at `revision` (its resourceVersion).
-    async fn update(&self, key: &str, value: &Value, revision: i64) -> Result<bool, String> {
-        let txn = Txn::new()
-            .when([Compare::mod_revision(key, CompareOp::Equal, revision)])
+            .when([condition])
             .and_then([TxnOp::put(key, value.to_string(), None)]);
         self.etcd
             .lock()
@@ -430,7 +407,14 @@ impl Server {
                     obj["spec"]["username"] = json!(user.name);
                     obj["spec"]["groups"] = json!(user.groups);
                 }
-                match self.create(&format!("{prefix}{name}"), &obj).await {
+                match self
+                    .put_if(
+                        &format!("{prefix}{name}"),
+                        &obj,
+                        Compare::create_revision(format!("{prefix}{name}"), CompareOp::Equal, 0),
+                    )
+                    .await
+                {
                     Ok(true) => {
                         let stored = self.get(&format!("{prefix}{name}")).await.unwrap_or(obj);
                         reply(StatusCode::CREATED, stored)
@@ -489,7 +473,14 @@ impl Server {
                     .as_str()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
-                match self.update(&key, &current, revision).await {
+                match self
+                    .put_if(
+                        &key,
+                        &current,
+                        Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
+                    )
+                    .await
+                {
                     Ok(true) => reply(StatusCode::OK, self.get(&key).await.unwrap_or(current)),
                     Ok(false) => status(
                         StatusCode::CONFLICT,
@@ -510,6 +501,13 @@ impl Server {
             ),
         }
     }
+}
+
+/// An object as stored, with its etcd revision as resourceVersion.
+fn stored_object(kv: &etcd_client::KeyValue) -> Option<Value> {
+    let mut v: Value = serde_json::from_slice(kv.value()).ok()?;
+    v["metadata"]["resourceVersion"] = json!(kv.mod_revision().to_string());
+    Some(v)
 }
 
 /// CN and O of the client certificate, if one was presented.

@@ -20,8 +20,6 @@ use crate::role::ordered_nodes;
 use crate::services::{self, ActiveState};
 
 /// `<root>/etc/kubernetes/admin.conf`, once the control-plane phase writes it.
-pub const ADMIN_KUBECONFIG: &str = "/etc/kubernetes/admin.conf";
-pub const CEPH_CONF: &str = "/etc/ceph/ceph.conf";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -325,7 +323,7 @@ fn brief(error: &str) -> &str {
 /// exists (the control-plane phase writes it).
 async fn kubernetes_check(probe: &Probe) -> Section {
     const NAME: &str = "kubernetes";
-    let path = probe.paths.host(ADMIN_KUBECONFIG);
+    let path = probe.paths.host(crate::phases::control_plane::ADMIN_CONF);
     if !path.exists() {
         return Section::new(
             NAME,
@@ -358,13 +356,13 @@ async fn kubernetes_check(probe: &Probe) -> Section {
 
 async fn kube_nodes(kubeconfig: &std::path::Path) -> Result<Vec<(String, bool)>, String> {
     use k8s_openapi::api::core::v1::Node;
-    let raw = kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| e.to_string())?;
-    let mut config = kube::Config::from_custom_kubeconfig(raw, &Default::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    config.connect_timeout = Some(Duration::from_secs(1));
-    config.read_timeout = Some(Duration::from_secs(2));
-    let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
+    let client = crate::k8s::client_with_timeouts(
+        kubeconfig,
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let list = kube::Api::<Node>::all(client)
         .list(&Default::default())
         .await
@@ -387,9 +385,13 @@ async fn kube_nodes(kubeconfig: &std::path::Path) -> Result<Vec<(String, bool)>,
 /// Monitor quorum, where a Ceph configuration exists under the root.
 async fn ceph_check(probe: &Probe) -> Section {
     const NAME: &str = "ceph";
-    let conf = probe.paths.host(CEPH_CONF);
+    let conf = probe.paths.host(crate::ceph::CONF_FILE);
     if !conf.exists() {
-        return Section::new(NAME, Health::NotConfigured, format!("no {CEPH_CONF}"));
+        return Section::new(
+            NAME,
+            Health::NotConfigured,
+            format!("no {}", crate::ceph::CONF_FILE),
+        );
     }
     let keyring = probe.paths.host(crate::ceph::ADMIN_KEYRING);
     match crate::ceph::quorum_status(&conf, &keyring, Duration::from_secs(2))
