@@ -11,6 +11,11 @@ pub struct HostPaths {
 }
 
 pub const DEFAULT_CONFIG_DIR: &str = "/etc/cluster-config";
+/// Where an image keeps the programs the agent runs (etcd, the Kubernetes
+/// components, containerd), searched in this order under `--root`:
+/// `/opt/bin` (Flatcar's place for added binaries), then `/usr/bin`
+/// (the distribution's, and where systemd-sysext images merge).
+pub const BINARY_DIRS: &[&str] = &["/opt/bin", "/usr/bin"];
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/cluster-state";
 
 impl HostPaths {
@@ -47,6 +52,31 @@ impl HostPaths {
 
     pub fn state_file(&self, name: &str) -> PathBuf {
         self.state_dir.join(name)
+    }
+
+    /// `<root><dir>/<name>` for the first of [`BINARY_DIRS`] that has it.
+    pub fn find_binary(&self, name: &str) -> Option<PathBuf> {
+        BINARY_DIRS
+            .iter()
+            .map(|d| self.host(d).join(name))
+            .find(|p| p.is_file())
+    }
+
+    /// [`Self::find_binary`], or where the image should have put it: units
+    /// are rendered (and checked) before the image is known to be complete.
+    pub fn binary(&self, name: &str) -> PathBuf {
+        self.find_binary(name)
+            .unwrap_or_else(|| self.host(BINARY_DIRS[0]).join(name))
+    }
+
+    /// `<root>/opt/bin or <root>/usr/bin`, for messages about a missing
+    /// binary.
+    pub fn binary_dirs(&self) -> String {
+        BINARY_DIRS
+            .iter()
+            .map(|d| self.host(d).display().to_string())
+            .collect::<Vec<_>>()
+            .join(" or ")
     }
 }
 

@@ -16,7 +16,7 @@ use crate::services::{EnvironmentFile, RestartPolicy, ServiceSection, ServiceTyp
 use super::ClientTls;
 
 pub const UNIT_NAME: &str = "etcd.service";
-pub const ETCD_BINARY: &str = "/usr/bin/etcd";
+pub const ETCD_BINARY: &str = "etcd";
 pub const DATA_DIR: &str = "/var/lib/etcd";
 pub const ENV_FILE: &str = "/etc/etcd/etcd.env";
 
@@ -144,7 +144,7 @@ pub fn render_unit(
         requires: vec![],
         service: ServiceSection {
             type_: ServiceType::Notify,
-            exec_start: vec![ETCD_BINARY.to_string()],
+            exec_start: vec![path(&paths.binary(ETCD_BINARY))],
             environment: BTreeMap::new(),
             environment_file: Some(EnvironmentFile {
                 path: paths.host(ENV_FILE),

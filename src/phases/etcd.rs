@@ -302,7 +302,7 @@ where
     Ok(outcome?)
 }
 
-/// etcd 3.4 checks a member add against the view of the member that
+/// etcd checks a member add against the view of the member that
 /// receives it, which must have been connected to every voter for 5 s. A
 /// member can go on believing a restarted peer is disconnected while their
 /// streams are in fact up (etcd-io/etcd#14523), and then refuses every add
@@ -438,10 +438,10 @@ impl Step for Configure {
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         let unit = topology::render_unit(&ctx.paths, &ctx.config, &ctx.node, &require_record(ctx)?);
-        if !std::path::Path::new(topology::ETCD_BINARY).exists() {
+        if ctx.paths.find_binary(topology::ETCD_BINARY).is_none() {
             return Err(StepError::Precondition(format!(
-                "{} is not present; this image must ship etcd",
-                topology::ETCD_BINARY
+                "etcd is not in {}; this image must ship etcd",
+                ctx.paths.binary_dirs()
             )));
         }
         services::install_unit(&ctx.paths, &unit)?;

@@ -13,6 +13,39 @@ pub mod systemd1_double;
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_cluster-agent");
 
+/// The directory `.ci/setup` (tools/kube-bins/build) links the real etcd,
+/// Kubernetes and containerd binaries into.
+pub fn built_bin_dir() -> PathBuf {
+    let cache = std::env::var_os("CLUSTER_AGENT_BIN_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/cluster-agent"));
+    cache.join("bin")
+}
+
+/// One of those binaries; a test that needs it fails, naming how to build it.
+pub fn built_binary(name: &str) -> PathBuf {
+    let path = built_bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `.ci/setup` (it builds etcd, Kubernetes and containerd with \
+         tools/kube-bins/build)",
+        path.display()
+    );
+    path
+}
+
+/// Links built binaries into `<root>/opt/bin`, where an image ships them.
+pub fn install_built(root: &Path, names: &[&str]) {
+    let bin = root.join("opt/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for name in names {
+        let link = bin.join(name);
+        if !link.exists() {
+            std::os::unix::fs::symlink(built_binary(name), link).unwrap();
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct NodeDef {
     pub name: String,
@@ -97,6 +130,11 @@ impl Cluster {
         let secret: [u8; 32] = rand::random();
         for node in &cluster.nodes {
             cluster.write_config(&node.name, &cluster.cluster_yaml());
+            // As an image ships it: a node that may run etcd has it in
+            // /opt/bin (etcd 3.6, built by `.ci/setup`).
+            if node.roles.contains(&"control-plane") {
+                install_built(&cluster.root(&node.name), &["etcd"]);
+            }
             // As `render ignition` ships it: worker-only nodes get the worker
             // secret derived from the cluster's.
             let worker_only = node.roles.iter().all(|r| *r == "worker");
@@ -155,11 +193,12 @@ impl Cluster {
     }
 
     /// `program` run inside `node`'s network (its namespace, if any).
-    pub fn command_on(&self, node: &str, program: &str) -> Command {
+    pub fn command_on(&self, node: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let program = program.as_ref();
         match self.netns(node) {
             Some(ns) => {
                 let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", &ns, program]);
+                cmd.args(["netns", "exec", &ns]).arg(program);
                 cmd
             }
             None => Command::new(program),
@@ -286,11 +325,32 @@ impl Net {
     }
 }
 
+/// `name` as found on `PATH`, for a test that runs it. Panics, naming the
+/// Debian `package` that ships it and `.ci/setup` (which installs it), when
+/// it is not there: a test never passes without the program it checks.
+pub fn require_tool(name: &str, package: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "`{name}` is not on PATH ({}) and this test needs it: run `.ci/setup` as root \
+                 (or `apt-get install {package}`)",
+                path.to_string_lossy()
+            )
+        })
+}
+
 fn ip(args: &[&str]) {
-    let out = Command::new("ip")
+    let out = Command::new(require_tool("ip", "iproute2"))
         .args(args)
         .output()
-        .expect("iproute2 is installed");
+        .expect("run ip");
     assert!(
         out.status.success(),
         "ip {}: {} (network namespaces need root)",
