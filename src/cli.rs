@@ -109,11 +109,11 @@ pub struct LabUpArgs {
     /// Where the nodes' roots go
     #[arg(long, default_value = DEFAULT_LAB_DIR)]
     pub dir: PathBuf,
-    /// Kubernetes binaries (kube-apiserver, kube-controller-manager,
-    /// kube-scheduler, kubelet) [default: PATH]; without them the
-    /// Kubernetes phases are skipped, plainly
+    /// Where the real etcd, Kubernetes and containerd binaries are, as
+    /// `.ci/setup` (tools/kube-bins/build) links them [default:
+    /// $CLUSTER_AGENT_BIN_CACHE/bin, else /var/cache/cluster-agent/bin]
     #[arg(long)]
-    pub kube_bin_dir: Option<PathBuf>,
+    pub bin_dir: Option<PathBuf>,
     /// One network namespace per node on a bridge (root; needed for more
     /// than one master)
     #[arg(long)]

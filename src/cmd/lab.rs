@@ -23,11 +23,16 @@ const BRIDGE: &str = "calab0";
 const NETNS_PREFIX: &str = "calab-";
 const LOOPBACK_NET: [u8; 3] = [127, 77, 0];
 const BRIDGE_NET: [u8; 3] = [198, 19, 250];
-const KUBE_MASTER_BINARIES: [&str; 3] = [
+/// What each node's image needs, linked into its `/opt/bin`.
+const MASTER_BINARIES: &[&str] = &[
+    "etcd",
     "kube-apiserver",
     "kube-controller-manager",
     "kube-scheduler",
 ];
+const WORKER_BINARIES: &[&str] = &["containerd", "containerd-shim-runc-v2", "runc", "kubelet"];
+/// Debian's packages (runc) put theirs here, not in the build's directory.
+const HOST_BINARY_DIRS: &[&str] = &["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin"];
 const LAB_CLUSTER: &str = "lab";
 const UP_DEADLINE: Duration = Duration::from_secs(900);
 
@@ -156,16 +161,52 @@ fn create_network(nodes: &[LabNode]) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Where the Kubernetes binaries are: `--kube-bin-dir`, else PATH.
-fn kube_binary(dir: Option<&Path>, name: &str) -> Option<PathBuf> {
-    match dir {
-        Some(d) => Some(d.join(name)).filter(|p| p.is_file()),
-        None => std::env::var_os("PATH").and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-        }),
+/// The directory tools/kube-bins/build links the binaries it built into:
+/// `$CLUSTER_AGENT_BIN_CACHE/bin`, else `/var/cache/cluster-agent/bin`.
+/// The tests find them there too.
+pub fn built_bin_dir() -> PathBuf {
+    std::env::var_os("CLUSTER_AGENT_BIN_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/cluster-agent"))
+        .join("bin")
+}
+
+fn node_binaries(node: &LabNode) -> &'static [&'static str] {
+    if node.roles.iter().any(|r| r == "control-plane") {
+        MASTER_BINARIES
+    } else {
+        WORKER_BINARIES
     }
+}
+
+/// `name` from the build's directory, else from the host's system dirs.
+fn lab_binary(bin_dir: &Path, name: &str) -> Option<PathBuf> {
+    std::iter::once(bin_dir.to_path_buf())
+        .chain(HOST_BINARY_DIRS.iter().map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Every binary the lab's nodes need is there; else how to get them.
+fn check_binaries(dir: &Path, nodes: &[LabNode]) -> Result<(), CliError> {
+    let mut missing: Vec<&str> = nodes
+        .iter()
+        .flat_map(node_binaries)
+        .copied()
+        .filter(|name| lab_binary(dir, name).is_none())
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(CliError::Usage(format!(
+        "{} not in {} or the system's directories: `sudo .ci/setup` installs runc and builds \
+         the real etcd, Kubernetes and containerd binaries (tools/kube-bins/build; about 25 \
+         minutes the first time), or point --bin-dir at a directory that has them",
+        missing.join(", "),
+        dir.display()
+    )))
 }
 
 async fn up(args: &LabUpArgs) -> Result<i32, CliError> {
@@ -191,6 +232,8 @@ async fn up(args: &LabUpArgs) -> Result<i32, CliError> {
         )));
     }
     let nodes = plan_nodes(args);
+    let bin_dir = args.bin_dir.clone().unwrap_or_else(built_bin_dir);
+    check_binaries(&bin_dir, &nodes)?;
     let agent = std::env::current_exe()
         .map_err(|e| CliError::Failed(format!("cannot find this binary: {e}")))?;
     let yaml = cluster_yaml(&nodes, args.netns);
@@ -222,18 +265,12 @@ async fn up(args: &LabUpArgs) -> Result<i32, CliError> {
             &node_secret,
             crate::fsutil::SECRET_MODE,
         )?;
-        let wanted: &[&str] = if node.roles.iter().any(|r| r == "control-plane") {
-            &KUBE_MASTER_BINARIES
-        } else {
-            &["kubelet"]
-        };
-        for name in wanted {
-            if let Some(found) = kube_binary(args.kube_bin_dir.as_deref(), name) {
-                let bin = paths.host("/opt/bin");
-                std::fs::create_dir_all(&bin)
-                    .and_then(|_| std::os::unix::fs::symlink(&found, bin.join(name)))
-                    .map_err(|e| CliError::Failed(format!("linking {}: {e}", found.display())))?;
-            }
+        let bin = paths.host(crate::paths::BINARY_DIRS[0]);
+        for name in node_binaries(node) {
+            let found = lab_binary(&bin_dir, name).expect("checked before");
+            std::fs::create_dir_all(&bin)
+                .and_then(|_| std::os::unix::fs::symlink(&found, bin.join(name)))
+                .map_err(|e| CliError::Failed(format!("linking {}: {e}", found.display())))?;
         }
     }
     let record = LabRecord {
@@ -330,6 +367,14 @@ async fn up(args: &LabUpArgs) -> Result<i32, CliError> {
     println!(
         "`cluster-agent lab status --dir {0}`, `cluster-agent lab down --dir {0}`",
         dir.display()
+    );
+    // Last, so that `eval "$(cluster-agent lab up | tail -1)"` works.
+    let first_master = &nodes[0].name;
+    println!(
+        "export KUBECONFIG={}",
+        node_paths(dir, first_master)
+            .state_file(crate::phases::control_plane::OPERATOR_KUBECONFIG)
+            .display()
     );
     Ok(if failed.is_empty() {
         EXIT_OK

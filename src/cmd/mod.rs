@@ -2,7 +2,7 @@
 //! the documented exit code.
 
 mod gen_join_secret;
-mod lab;
+pub mod lab;
 mod plan;
 mod render;
 mod reset;

@@ -12,7 +12,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, PostParams};
 use time::OffsetDateTime;
@@ -382,13 +384,7 @@ pub async fn ensure_tls_bootstrap_rbac(client: &kube::Client) -> Result<(), K8sE
             }]),
         };
         create_or_keep(&api, &binding, &format!("clusterrolebinding {name}"), |b| {
-            format!(
-                "{}→{:?}",
-                b.role_ref.name,
-                b.subjects
-                    .as_ref()
-                    .map(|s| s.iter().map(|s| s.name.clone()).collect::<Vec<_>>())
-            )
+            format!("{}→{:?}", b.role_ref.name, subject_names(&b.subjects))
         })
         .await?;
     }
@@ -396,12 +392,14 @@ pub async fn ensure_tls_bootstrap_rbac(client: &kube::Client) -> Result<(), K8sE
 }
 
 /// `kube-public/cluster-info`: the API endpoint and CA, as kubeadm
-/// publishes them.
+/// publishes them. Only the `kubeconfig` key is ours: the bootstrapsigner
+/// adds a `jws-kubeconfig-<token-id>` signature per signing token, so the
+/// rest of the map is expected to differ.
 pub async fn ensure_cluster_info(client: &kube::Client, kubeconfig: &str) -> Result<(), K8sError> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-public");
     let map = ConfigMap {
         metadata: ObjectMeta {
-            name: Some("cluster-info".into()),
+            name: Some(CLUSTER_INFO.into()),
             namespace: Some("kube-public".into()),
             ..Default::default()
         },
@@ -412,9 +410,76 @@ pub async fn ensure_cluster_info(client: &kube::Client, kubeconfig: &str) -> Res
         ..Default::default()
     };
     create_or_keep(&api, &map, "configmap kube-public/cluster-info", |m| {
-        format!("{:?}", m.data)
+        cluster_info_kubeconfig(m).unwrap_or("<no kubeconfig key>").to_string()
     })
+    .await?;
+    ensure_cluster_info_readable(client).await
+}
+
+pub const CLUSTER_INFO: &str = "cluster-info";
+/// kubeadm's name for the Role and RoleBinding that let anyone read
+/// `cluster-info`: a joining node reads it before it holds any credential
+/// and trusts it only once a token's signature matches.
+pub const CLUSTER_INFO_READER: &str = "kubeadm:bootstrap-signer-clusterinfo";
+
+fn cluster_info_kubeconfig(map: &ConfigMap) -> Option<&str> {
+    map.data.as_ref()?.get("kubeconfig").map(String::as_str)
+}
+
+/// `system:anonymous` may `get` `kube-public/cluster-info`, and nothing
+/// else (kubeadm's Role and RoleBinding of the same name).
+async fn ensure_cluster_info_readable(client: &kube::Client) -> Result<(), K8sError> {
+    let meta = || ObjectMeta {
+        name: Some(CLUSTER_INFO_READER.into()),
+        namespace: Some("kube-public".into()),
+        ..Default::default()
+    };
+    let role = Role {
+        metadata: meta(),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["configmaps".into()]),
+            resource_names: Some(vec![CLUSTER_INFO.into()]),
+            verbs: vec!["get".into()],
+            ..Default::default()
+        }]),
+    };
+    let what = format!("role kube-public/{CLUSTER_INFO_READER}");
+    create_or_keep(
+        &Api::namespaced(client.clone(), "kube-public"),
+        &role,
+        &what,
+        |r: &Role| format!("{:?}", r.rules),
+    )
+    .await?;
+    let binding = RoleBinding {
+        metadata: meta(),
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name: CLUSTER_INFO_READER.into(),
+        },
+        subjects: Some(vec![Subject {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "User".into(),
+            name: "system:anonymous".into(),
+            namespace: None,
+        }]),
+    };
+    let what = format!("rolebinding kube-public/{CLUSTER_INFO_READER}");
+    create_or_keep(
+        &Api::namespaced(client.clone(), "kube-public"),
+        &binding,
+        &what,
+        |b: &RoleBinding| format!("{}→{:?}", b.role_ref.name, subject_names(&b.subjects)),
+    )
     .await
+}
+
+fn subject_names(subjects: &Option<Vec<Subject>>) -> Option<Vec<String>> {
+    subjects
+        .as_ref()
+        .map(|s| s.iter().map(|s| s.name.clone()).collect())
 }
 
 #[cfg(test)]
@@ -443,6 +508,29 @@ mod tests {
             s.string_data.unwrap()["auth-extra-groups"],
             BOOTSTRAPPERS_GROUP
         );
+    }
+
+    #[test]
+    fn cluster_info_is_compared_by_its_kubeconfig_alone() {
+        let with = |data: &[(&str, &str)]| ConfigMap {
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        let ours = with(&[("kubeconfig", "k")]);
+        let signed = with(&[("kubeconfig", "k"), ("jws-kubeconfig-abcdef", "h..s")]);
+        assert_eq!(
+            cluster_info_kubeconfig(&ours),
+            cluster_info_kubeconfig(&signed)
+        );
+        assert_ne!(
+            cluster_info_kubeconfig(&ours),
+            cluster_info_kubeconfig(&with(&[("kubeconfig", "other")]))
+        );
+        assert_eq!(cluster_info_kubeconfig(&with(&[])), None);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::config::{ClusterConfig, NodeRole, NodeSpec};
+use crate::config::{ClusterConfig, NodeSpec};
 use crate::engine::{Context, Outcome, Phase, Step, StepError};
 use crate::fsutil::{self, SECRET_MODE};
 use crate::k8s::{self, Credentials};
@@ -23,14 +23,13 @@ use crate::services::{self, ActiveState, RestartPolicy, ServiceSection, ServiceT
 use crate::wait::{self, Backoff, Poll};
 
 pub const PHASE: &str = "control-plane";
-/// Where images put the Kubernetes binaries (under `--root`): Flatcar
-/// sysext/`/opt/bin` first, then the distribution's.
-pub const BINARY_DIRS: &[&str] = &["/opt/bin", "/usr/bin"];
 pub const APISERVER: &str = "kube-apiserver";
 pub const CONTROLLER_MANAGER: &str = "kube-controller-manager";
 pub const SCHEDULER: &str = "kube-scheduler";
 pub const COMPONENTS: [&str; 3] = [APISERVER, CONTROLLER_MANAGER, SCHEDULER];
 pub const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
+/// The operator's copy of admin.conf, in the state dir.
+pub const OPERATOR_KUBECONFIG: &str = "admin.conf";
 const READY_WAIT: Duration = Duration::from_secs(300);
 
 pub fn phase() -> Phase {
@@ -48,18 +47,6 @@ pub fn phase() -> Phase {
     }
 }
 
-/// `<root><dir>/<name>` for the first dir that has it.
-pub fn locate(paths: &HostPaths, name: &str) -> Option<PathBuf> {
-    BINARY_DIRS
-        .iter()
-        .map(|d| paths.host(d).join(name))
-        .find(|p| p.is_file())
-}
-
-fn locate_or_default(paths: &HostPaths, name: &str) -> PathBuf {
-    locate(paths, name).unwrap_or_else(|| paths.host(BINARY_DIRS[0]).join(name))
-}
-
 /// `https://<this node's IP>:<API port>`: the local API server.
 pub fn local_server(config: &ClusterConfig, node: &NodeSpec) -> String {
     format!(
@@ -73,20 +60,16 @@ pub fn endpoint_server(config: &ClusterConfig) -> String {
     format!("https://{}", config.cluster.control_plane_endpoint)
 }
 
-fn host(paths: &HostPaths, p: &str) -> String {
-    paths.host(p).to_string_lossy().into_owned()
-}
-
 fn file(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
-fn etcd_servers(config: &ClusterConfig) -> String {
-    crate::role::ordered_nodes(config, NodeRole::ControlPlane)
-        .into_iter()
-        .map(|n| crate::etcd::topology::client_url(config, n))
-        .collect::<Vec<_>>()
-        .join(",")
+/// The API server talks to its own etcd member only, as kubeadm's stacked
+/// control plane does: a list of every master would include members that
+/// are still learners (which refuse client requests) or not yet started,
+/// and this master's own member is promoted before this phase runs.
+fn etcd_server(config: &ClusterConfig, node: &NodeSpec) -> String {
+    crate::etcd::topology::client_url(config, node)
 }
 
 fn kubeconfig_path(paths: &HostPaths, client: ClientCert) -> PathBuf {
@@ -121,7 +104,7 @@ pub fn render_units(paths: &HostPaths, config: &ClusterConfig, node: &NodeSpec) 
             "--tls-private-key-file={}",
             file(&leaf(LeafKind::ApiServer).key)
         ),
-        format!("--etcd-servers={}", etcd_servers(config)),
+        format!("--etcd-servers={}", etcd_server(config, node)),
         format!("--etcd-cafile={}", file(&pki.ca(CaKind::Etcd).cert)),
         format!(
             "--etcd-certfile={}",
@@ -205,18 +188,63 @@ pub fn render_units(paths: &HostPaths, config: &ClusterConfig, node: &NodeSpec) 
         (SCHEDULER, scheduler, vec![format!("{APISERVER}.service")]),
     ]
     .into_iter()
-    .map(|(name, flags, after)| component_unit(paths, name, flags, after))
+    .map(|(name, flags, after)| {
+        let inputs = flag_files(&flags);
+        component_unit(paths, name, flags, after, &inputs)
+    })
     .collect()
 }
 
+/// The environment variable that carries [`inputs_digest`] in a unit.
+pub const INPUTS_DIGEST_VAR: &str = "CLUSTER_AGENT_INPUTS_SHA256";
+
+/// SHA-256 over the contents of the files a component reads at start
+/// (certificates, keys, kubeconfigs, its config file). It is part of the
+/// rendered unit, so a renewed certificate changes the unit and the
+/// running component is restarted to load it, the way a checksum
+/// annotation rolls a Deployment when its ConfigMap changes. Files that do
+/// not exist yet count as absent.
+pub fn inputs_digest(inputs: &[PathBuf]) -> String {
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    for path in inputs {
+        digest.update(path.as_os_str().as_encoded_bytes());
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                digest.update(&(bytes.len() as u64).to_le_bytes());
+                digest.update(&bytes);
+            }
+            Err(_) => digest.update(b"absent"),
+        }
+    }
+    digest
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Every absolute path a flag names (`--x=/path`): what a control-plane
+/// component reads at start.
+fn flag_files(flags: &[String]) -> Vec<PathBuf> {
+    flags
+        .iter()
+        .filter_map(|f| f.split_once('=').map(|(_, v)| PathBuf::from(v)))
+        .filter(|p| p.is_absolute())
+        .collect()
+}
+
 /// A long-running component unit; shared with the worker's kubelet.
+/// `inputs` are the files whose change must restart it.
 pub fn component_unit(
     paths: &HostPaths,
     name: &str,
     flags: Vec<String>,
     after: Vec<String>,
+    inputs: &[PathBuf],
 ) -> Unit {
-    let mut exec_start = vec![file(&locate_or_default(paths, name))];
+    let environment = [(INPUTS_DIGEST_VAR.to_string(), inputs_digest(inputs))].into();
+    let mut exec_start = vec![file(&paths.binary(name))];
     exec_start.extend(flags);
     let mut wants = vec!["network-online.target".to_string()];
     wants.extend(after.iter().cloned());
@@ -231,7 +259,7 @@ pub fn component_unit(
         service: ServiceSection {
             type_: ServiceType::Simple,
             exec_start,
-            environment: Default::default(),
+            environment,
             environment_file: Some(services::EnvironmentFile {
                 path: paths.host(format!("/etc/default/{name}")),
                 optional: true,
@@ -262,19 +290,17 @@ impl Step for Binaries {
         "find kube-apiserver, kube-controller-manager and kube-scheduler in the image (/opt/bin, /usr/bin)"
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
-        Ok(COMPONENTS.iter().all(|c| locate(&ctx.paths, c).is_some()))
+        Ok(COMPONENTS
+            .iter()
+            .all(|c| ctx.paths.find_binary(c).is_some()))
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         let missing: Vec<&str> = COMPONENTS
             .iter()
             .copied()
-            .filter(|c| locate(&ctx.paths, c).is_none())
+            .filter(|c| ctx.paths.find_binary(c).is_none())
             .collect();
-        let looked = BINARY_DIRS
-            .iter()
-            .map(|d| host(&ctx.paths, d))
-            .collect::<Vec<_>>()
-            .join(" and ");
+        let looked = ctx.paths.binary_dirs();
         if missing.len() == COMPONENTS.len() {
             // An image without Kubernetes (etcd and storage only): etcd is
             // formed and stays recorded; an image with the binaries
@@ -329,7 +355,7 @@ fn kubeconfigs(ctx: &Context) -> Result<Vec<(PathBuf, String)>, StepError> {
             },
         );
         if client == ClientCert::Admin {
-            out.push((ctx.paths.state_file("admin.conf"), text.clone()));
+            out.push((ctx.paths.state_file(OPERATOR_KUBECONFIG), text.clone()));
         }
         out.push((kubeconfig_path(&ctx.paths, client), text));
     }
