@@ -17,6 +17,8 @@ pub mod role;
 pub mod services;
 pub mod state;
 mod step_error;
+#[cfg(test)]
+mod test_tools;
 pub mod wait;
 
 /// `outer: middle: inner` — every cause, so the operator sees the root one.

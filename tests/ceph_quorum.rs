@@ -24,6 +24,7 @@ const CEPH_STEPS: &[&str] = &[
 /// `names` as monitor-only nodes, plus the control-plane node every
 /// configuration needs (listed, never run: storage does not need it).
 fn mons(names: &[&'static str]) -> Cluster {
+    require_ceph();
     let mut spec: Vec<(&str, &[&str])> = vec![("cp-0", &["control-plane"][..])];
     spec.extend(names.iter().map(|n| (*n, &["ceph-mon"][..])));
     let c = Cluster::new(&spec);
@@ -31,6 +32,14 @@ fn mons(names: &[&'static str]) -> Cluster {
         allow_full_disk(&c, n);
     }
     c
+}
+
+/// The agent runs ceph-mon; the tests check with ceph and ceph-authtool.
+/// All three up front, so a test fails at once, naming what is missing.
+fn require_ceph() {
+    support::require_tool("ceph-mon", "ceph-mon");
+    support::require_tool("ceph", "ceph-common");
+    support::require_tool("ceph-authtool", "ceph-common");
 }
 
 /// The test machines' disks are fuller than Ceph's 30 % free-space warning
@@ -276,6 +285,7 @@ fn sigkill_at_random_moments_of_a_join_converges() {
 /// seeds its monitor, and `run` names the failed phase.
 #[test]
 fn monitors_seed_when_the_kubernetes_side_fails() {
+    require_ceph();
     let c = Cluster::new(&[
         ("cp-1", &["control-plane"]),
         ("cp-2", &["control-plane", "ceph-mon"]),

@@ -1025,7 +1025,7 @@ fn masters_get_the_cluster_cas_through_the_join_service() {
         );
         let ca = c.root("cp-1").join("etc/kubernetes/pki/ca.crt");
         let leaf = c.root(n).join("etc/kubernetes/pki/apiserver.crt");
-        let out = std::process::Command::new("openssl")
+        let out = std::process::Command::new(support::require_tool("openssl", "openssl"))
             .arg("verify")
             .arg("-CAfile")
             .arg(&ca)

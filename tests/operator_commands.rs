@@ -407,10 +407,7 @@ async fn status_and_reset_drive_systemd_over_the_bus() {
     let dir = tempfile::tempdir().unwrap();
     let paths = HostPaths::new(dir.path(), None, None);
     let socket = paths.host("/run/dbus/system_bus_socket");
-    let Some(bus) = support::dbus::PrivateBus::start(dir.path(), &socket) else {
-        eprintln!("dbus-daemon not installed; skipping");
-        return;
-    };
+    let bus = support::dbus::PrivateBus::start(dir.path(), &socket);
     let (_double, recorded) = support::systemd1_double::serve(&bus.address).await;
     let env_file = paths.host("/etc/demo/demo.env");
     let unit = services::Unit {

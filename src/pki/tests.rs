@@ -156,11 +156,11 @@ fn mode(path: &Path) -> u32 {
 }
 
 fn openssl(args: &[&str], path: &Path) -> (bool, String) {
-    let out = Command::new("openssl")
+    let out = Command::new(crate::test_tools::require_tool("openssl", "openssl"))
         .args(args)
         .arg(path)
         .output()
-        .expect("the openssl CLI is needed by the PKI tests");
+        .expect("run openssl");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

@@ -1021,21 +1021,14 @@ mod tests {
     /// that the ExecStart binary exists, hence /bin/sleep.
     #[test]
     fn rendered_unit_passes_systemd_analyze_verify() {
-        if std::process::Command::new("systemd-analyze")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            eprintln!("systemd-analyze not installed; skipping");
-            return;
-        }
+        let analyze = crate::test_tools::require_tool("systemd-analyze", "systemd");
         let dir = tempfile::tempdir().unwrap();
         let paths = HostPaths::new(dir.path(), None, None);
         let mut unit = sample();
         unit.service.exec_start = vec!["/bin/sleep".into(), "1000".into()];
         unit.service.environment_file.as_mut().unwrap().path = paths.host("/etc/demo.env");
         install_unit(&paths, &unit).unwrap();
-        let out = std::process::Command::new("systemd-analyze")
+        let out = std::process::Command::new(analyze)
             .arg("verify")
             .arg(unit_path(&paths, "demo.service"))
             .output()

@@ -10,8 +10,9 @@ pub struct PrivateBus {
 }
 
 impl PrivateBus {
-    /// Listens on `socket`; `None` when dbus-daemon is not installed.
-    pub fn start(config_dir: &Path, socket: &Path) -> Option<PrivateBus> {
+    /// Listens on `socket`. Fails the test when dbus-daemon is not installed.
+    pub fn start(config_dir: &Path, socket: &Path) -> PrivateBus {
+        let daemon = super::require_tool("dbus-daemon", "dbus");
         std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
         let config = config_dir.join("system-bus.conf");
         // A system-type bus whose policy lets the test own systemd's name.
@@ -36,17 +37,13 @@ impl PrivateBus {
             ),
         )
         .unwrap();
-        let mut child = match Command::new("dbus-daemon")
+        let mut child = Command::new(daemon)
             .arg(format!("--config-file={}", config.display()))
             .args(["--nofork", "--nopidfile", "--print-address=1"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
-        {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-            Err(e) => panic!("cannot run dbus-daemon: {e}"),
-        };
+            .unwrap_or_else(|e| panic!("cannot run dbus-daemon: {e}"));
         // The address is printed once the socket accepts connections.
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
@@ -56,10 +53,10 @@ impl PrivateBus {
             !line.trim().is_empty(),
             "dbus-daemon exited without an address"
         );
-        Some(PrivateBus {
+        PrivateBus {
             child,
             address: line.trim().to_string(),
-        })
+        }
     }
 }
 

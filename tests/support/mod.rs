@@ -328,22 +328,25 @@ impl Net {
 /// `name` as found on `PATH`, for a test that runs it. Panics, naming the
 /// Debian `package` that ships it and `.ci/setup` (which installs it), when
 /// it is not there: a test never passes without the program it checks.
+#[track_caller]
 pub fn require_tool(name: &str, package: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
+    let found = std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|p| {
             p.metadata()
                 .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "`{name}` is not on PATH ({}) and this test needs it: run `.ci/setup` as root \
-                 (or `apt-get install {package}`)",
-                path.to_string_lossy()
-            )
-        })
+        });
+    // Not in a closure, so the panic names the test's line.
+    let Some(program) = found else {
+        panic!(
+            "`{name}` is not on PATH ({}) and this test needs it: run `.ci/setup` as root \
+             (or `apt-get install {package}`)",
+            path.to_string_lossy()
+        )
+    };
+    program
 }
 
 fn ip(args: &[&str]) {
