@@ -3,6 +3,7 @@
 
 pub mod ceph;
 pub mod config;
+pub mod containerd;
 pub mod engine;
 pub mod fsutil;
 pub mod identity;

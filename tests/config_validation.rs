@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cluster_agent::config::{
-    self, BootstrapSettings, CephNetworks, ClusterConfig, ClusterSettings, ConfigError, Endpoint,
-    EtcdSettings, MacAddr, Networking, NodeRole, NodeSpec, Severity, ValidationReport,
+    self, BootstrapSettings, CephNetworks, ClusterConfig, ClusterSettings, ConfigError,
+    ContainerdSettings, Endpoint, EtcdSettings, ImageReference, MacAddr, Networking, NodeRole,
+    NodeSpec, Severity, ValidationReport,
 };
 
 fn fixture(case: &str) -> PathBuf {
@@ -105,6 +106,12 @@ fn valid_full_config_loads_exactly() {
                 client_port: 12379,
                 peer_port: 12380,
             },
+            containerd: ContainerdSettings {
+                sandbox_image: ImageReference::parse(
+                    "registry.example.net:5000/infra/pause:3.10.1",
+                )
+                .unwrap(),
+            },
             ceph: Some(CephNetworks {
                 public_network: "192.168.0.0/23".parse().unwrap(),
                 cluster_network: "10.10.0.0/24".parse().unwrap(),
@@ -145,6 +152,10 @@ fn minimal_config_gets_defaults() {
             etcd: EtcdSettings {
                 client_port: 2379,
                 peer_port: 2380,
+            },
+            // containerd 2.2's own default.
+            containerd: ContainerdSettings {
+                sandbox_image: ImageReference::parse("registry.k8s.io/pause:3.10.1").unwrap(),
             },
             ceph: None,
         },
@@ -386,6 +397,16 @@ fn durations_and_ports() {
             "cluster.yaml:7:18: cluster.etcd.client_port: port 70000 is out of range (1-65535)",
             "cluster.yaml:8:16: cluster.etcd.peer_port: etcd client_port and peer_port are both 2379; they must differ",
             "cluster.yaml:9:27: cluster.control_plane_endpoint: \"10.0.0.1:0\" has an invalid port (expected 1-65535)",
+        ],
+    );
+}
+
+#[test]
+fn sandbox_image_must_be_an_image_reference() {
+    assert_errors(
+        "bad-sandbox-image",
+        &[
+            "cluster.yaml:4:20: cluster.containerd.sandbox_image: \"registry.k8s.io/Pause:3.10\" is not an image reference (path components are lower-case letters and digits joined by `.`, `_`, `__` or `-`; expected e.g. registry.k8s.io/pause:3.10.1)",
         ],
     );
 }

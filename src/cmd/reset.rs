@@ -148,6 +148,18 @@ pub async fn plan(
     }
 
     let mut created = vec![topology::data_dir(paths), paths.host(NETWORK_FILE)];
+    // containerd's images, snapshots and state and the config the
+    // container-runtime phase wrote (its unit goes with the units above).
+    // Containers still running would keep their mounts under these dirs:
+    // none run before this agent starts pods.
+    created.extend(
+        [
+            crate::containerd::ROOT_DIR,
+            crate::containerd::STATE_DIR,
+            crate::containerd::CONFIG_FILE,
+        ]
+        .map(|p| paths.host(p)),
+    );
     // The monitor's store and what the Ceph phase wrote under /etc/ceph and
     // for OSDs; a rejoin fetches them again.
     if let Ok(config) = super::load_config(paths)

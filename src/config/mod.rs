@@ -49,6 +49,7 @@ pub struct ClusterSettings {
     pub networking: Networking,
     pub bootstrap: BootstrapSettings,
     pub etcd: EtcdSettings,
+    pub containerd: ContainerdSettings,
     /// `None` when cluster.yaml has no `ceph:` section (then no node may carry
     /// the ceph-mon role).
     pub ceph: Option<CephNetworks>,
@@ -87,6 +88,34 @@ pub struct BootstrapSettings {
 pub struct EtcdSettings {
     pub client_port: u16,
     pub peer_port: u16,
+}
+
+/// What the container runtime on every Kubernetes node is told.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerdSettings {
+    /// The pod sandbox ("pause") image: the one image every pod needs.
+    pub sandbox_image: ImageReference,
+}
+
+/// An OCI image reference (`[host[:port]/]path[:tag][@digest]`), checked
+/// against the grammar of distribution's `reference` package; it cannot
+/// hold anything containerd would refuse to parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageReference(String);
+
+impl ImageReference {
+    pub fn parse(text: &str) -> Result<ImageReference, String> {
+        values::image_reference(text).map(|()| ImageReference(text.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ImageReference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -21,6 +21,7 @@ pub const CLUSTER_KEYS: &[&str] = &[
     "networking",
     "bootstrap",
     "etcd",
+    "containerd",
     "ceph",
 ];
 pub const NETWORKING_KEYS: &[&str] = &[
@@ -33,6 +34,7 @@ pub const NETWORKING_KEYS: &[&str] = &[
 ];
 pub const BOOTSTRAP_KEYS: &[&str] = &["token_ttl", "join_port"];
 pub const ETCD_KEYS: &[&str] = &["client_port", "peer_port"];
+pub const CONTAINERD_KEYS: &[&str] = &["sandbox_image"];
 pub const CEPH_KEYS: &[&str] = &["public_network", "cluster_network"];
 pub const NODE_KEYS: &[&str] = &["name", "hostname", "ip", "roles", "mac_addresses"];
 pub const NODE_FILE_ROOT_KEYS: &[&str] = &["node"];
@@ -130,6 +132,7 @@ pub struct RawCluster {
     pub networking: Option<RawNetworking>,
     pub bootstrap: Option<RawBootstrap>,
     pub etcd: Option<RawEtcd>,
+    pub containerd: Option<RawContainerd>,
     pub ceph: Option<RawCeph>,
 }
 
@@ -153,6 +156,11 @@ pub struct RawBootstrap {
 pub struct RawEtcd {
     pub client_port: Option<Val>,
     pub peer_port: Option<Val>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawContainerd {
+    pub sandbox_image: Option<Val>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -419,6 +427,11 @@ impl Walker<'_> {
             client_port: self.scalar_field(&e, "client_port"),
             peer_port: self.scalar_field(&e, "peer_port"),
         });
+        let containerd = self
+            .sub_map(&f, "containerd", CONTAINERD_KEYS)
+            .map(|c| RawContainerd {
+                sandbox_image: self.scalar_field(&c, "sandbox_image"),
+            });
         let ceph = self.sub_map(&f, "ceph", CEPH_KEYS).map(|c| RawCeph {
             public_network: self.required_scalar(&c, "public_network"),
             cluster_network: self.scalar_field(&c, "cluster_network"),
@@ -431,6 +444,7 @@ impl Walker<'_> {
             networking,
             bootstrap,
             etcd,
+            containerd,
             ceph,
             loc: f.loc,
         })
@@ -554,6 +568,7 @@ mod tests {
             NETWORKING_KEYS,
             BOOTSTRAP_KEYS,
             ETCD_KEYS,
+            CONTAINERD_KEYS,
             CEPH_KEYS,
             NODE_KEYS,
             NODE_FILE_ROOT_KEYS,

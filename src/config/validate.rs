@@ -16,8 +16,8 @@ use super::diagnostics::{Diagnostic, Severity};
 use super::raw::{List, Loc, RawCluster, RawClusterFile, RawNode, RawNodeFile, Val};
 use super::values;
 use super::{
-    BootstrapSettings, CephNetworks, ClusterConfig, ClusterSettings, EtcdSettings, MacAddr,
-    Networking, NodeRole, NodeSpec,
+    BootstrapSettings, CephNetworks, ClusterConfig, ClusterSettings, ContainerdSettings,
+    EtcdSettings, ImageReference, MacAddr, Networking, NodeRole, NodeSpec,
 };
 
 pub const DEFAULT_K8S_VERSION: &str = "1.31.0";
@@ -30,6 +30,9 @@ pub const DEFAULT_TOKEN_TTL: &str = "24h";
 pub const DEFAULT_JOIN_PORT: u16 = 9443;
 pub const DEFAULT_ETCD_CLIENT_PORT: u16 = 2379;
 pub const DEFAULT_ETCD_PEER_PORT: u16 = 2380;
+/// containerd 2.2's own default (`internal/cri/config`), so a cluster.yaml
+/// without the key runs what an unconfigured containerd would.
+pub const DEFAULT_SANDBOX_IMAGE: &str = "registry.k8s.io/pause:3.10.1";
 
 /// A value and where it came from.
 #[derive(Debug, Clone)]
@@ -151,6 +154,7 @@ struct PartialSettings {
     networking: Networking,
     bootstrap: BootstrapSettings,
     etcd: EtcdSettings,
+    containerd: ContainerdSettings,
     ceph: Option<CephNetworks>,
 }
 
@@ -180,6 +184,7 @@ impl PartialSettings {
             networking: self.networking,
             bootstrap: self.bootstrap,
             etcd: self.etcd,
+            containerd: self.containerd,
             ceph: self.ceph,
         })
     }
@@ -441,6 +446,16 @@ impl Validator<'_> {
             }
         }
 
+        let default_sandbox =
+            ImageReference::parse(DEFAULT_SANDBOX_IMAGE).expect("the default is a valid reference");
+        let (sandbox_image, _) = self.setting(
+            raw.containerd
+                .as_ref()
+                .and_then(|c| c.sandbox_image.as_ref()),
+            default_sandbox,
+            |v| ImageReference::parse(&v.text),
+        );
+
         let ceph = raw.ceph.as_ref().and_then(|c| {
             let public = self.opt(c.public_network.as_ref(), |v| values::cidr(&v.text));
             let cluster = self.opt(c.cluster_network.as_ref(), |v| values::cidr(&v.text));
@@ -471,6 +486,7 @@ impl Validator<'_> {
                 client_port,
                 peer_port,
             },
+            containerd: ContainerdSettings { sandbox_image },
             ceph,
         }
     }

@@ -179,6 +179,118 @@ pub fn k8s_version(text: &str) -> Result<(), String> {
     }
 }
 
+/// An OCI image reference, as distribution's `reference` grammar (which
+/// containerd parses with) has it: `[domain/]path[:tag][@digest]`. `domain`
+/// is `host[:port]` and is told from a path by a `.` or `:` or being
+/// `localhost`; path components are lower-case alphanumerics joined by
+/// `.`, `_`, `__` or dashes; a tag is `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`;
+/// a digest `algorithm:hex` with at least 32 hex digits. IPv6 hosts are not
+/// accepted (the cluster is IPv4 only).
+pub fn image_reference(text: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        format!(
+            "{text:?} is not an image reference ({why}; expected e.g. \
+             registry.k8s.io/pause:3.10.1)"
+        )
+    };
+    let (name_tag, digest) = match text.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (text, None),
+    };
+    if let Some(d) = digest {
+        let (algorithm, hex) = d.split_once(':').ok_or_else(|| bad("digest without `:`"))?;
+        let algorithm_ok = algorithm.split(['+', '.', '-', '_']).all(|c| {
+            c.starts_with(|ch: char| ch.is_ascii_alphabetic())
+                && c.bytes().all(|b| b.is_ascii_alphanumeric())
+        });
+        if !algorithm_ok || hex.len() < 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad("malformed digest"));
+        }
+    }
+    let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match name_tag[last_slash..].rfind(':') {
+        Some(i) => (
+            &name_tag[..last_slash + i],
+            Some(&name_tag[last_slash + i + 1..]),
+        ),
+        None => (name_tag, None),
+    };
+    if let Some(tag) = tag {
+        let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+        let ok = tag.len() <= 128
+            && tag.bytes().next().is_some_and(word)
+            && tag.bytes().all(|b| word(b) || b == b'.' || b == b'-');
+        if !ok {
+            return Err(bad("malformed tag"));
+        }
+    }
+    if name.is_empty() {
+        return Err(bad("no image name"));
+    }
+    if name.len() > 255 {
+        return Err(bad("the name is longer than 255 characters"));
+    }
+    let mut components: Vec<&str> = name.split('/').collect();
+    let first = components[0];
+    if components.len() > 1
+        && (first.contains(['.', ':'])
+            || first == "localhost"
+            || first.bytes().any(|b| b.is_ascii_uppercase()))
+    {
+        let (host, port) = match first.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (first, None),
+        };
+        let host_ok = !host.is_empty()
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+        let port_ok = port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        if !host_ok || !port_ok {
+            return Err(bad("malformed registry host"));
+        }
+        components.remove(0);
+    }
+    for component in components {
+        if !path_component(component) {
+            return Err(bad(
+                "path components are lower-case letters and digits joined by `.`, `_`, `__` or `-`",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `[a-z0-9]+` runs joined by one `.`, one `_`, `__`, or any run of `-`.
+fn path_component(c: &str) -> bool {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = c.as_bytes();
+    if !bytes.first().is_some_and(|b| alnum(*b)) || !bytes.last().is_some_and(|b| alnum(*b)) {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if alnum(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && !alnum(bytes[i]) {
+            i += 1;
+        }
+        let separator = &c[start..i];
+        if !(matches!(separator, "." | "_" | "__") || separator.bytes().all(|b| b == b'-')) {
+            return false;
+        }
+    }
+    true
+}
+
 /// `host` or `host:port`, host an IPv4 address or DNS name.
 pub fn endpoint(text: &str, default_port: u16) -> Result<Endpoint, String> {
     let (host, port) = match text.rsplit_once(':') {
@@ -272,5 +384,47 @@ mod tests {
         );
         assert!(k8s_version("1.31.0").is_ok());
         assert!(k8s_version("1.31").is_err());
+    }
+
+    #[test]
+    fn image_references() {
+        for good in [
+            "registry.k8s.io/pause:3.10.1",
+            "pause",
+            "library/busybox:latest",
+            "localhost:5000/team/pause:v1_x-2.0",
+            "localhost/pause",
+            "Registry.Example:443/a__b/c-d.e/f---g",
+            "quay.io/x/y@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "quay.io/x/y:1@sha256:0123456789abcdef0123456789abcdef",
+        ] {
+            assert_eq!(image_reference(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            ":3.10",
+            "registry.k8s.io/",
+            "registry.k8s.io/Pause:3.10",
+            "pause:",
+            "pause:-1",
+            "pause:3.10 ",
+            "two words",
+            "a..b/c",
+            "reg.io/a..b",
+            "reg.io/-a",
+            "reg.io:x/a",
+            "x/y@sha256:abc",
+            "x/y@:0123456789abcdef0123456789abcdef",
+            "[::1]:5000/pause",
+        ] {
+            assert!(
+                image_reference(bad)
+                    .unwrap_err()
+                    .contains("is not an image reference"),
+                "{bad:?}"
+            );
+        }
+        assert!(image_reference(&format!("{}:1", "a".repeat(256))).is_err());
+        assert!(image_reference(&format!("pause:{}", "1".repeat(129))).is_err());
     }
 }

@@ -2,6 +2,7 @@
 //! list of steps executed by [`crate::engine`].
 
 pub mod ceph;
+pub mod container_runtime;
 pub mod control_plane;
 pub mod etcd;
 pub mod join_service;
@@ -35,10 +36,20 @@ pub fn build(role: Role, ceph_role: CephRole) -> Plan {
     if control_plane {
         phases.push(control_plane::phase());
     }
+    // The runtime first: a kubelet exits when no CRI answers.
+    if runs_kubelet(role) {
+        phases.push(container_runtime::phase());
+    }
     if role == Role::Worker {
         phases.push(worker::phase());
     }
     Plan { phases }
+}
+
+/// Nodes whose plan has a kubelet, and so a container runtime before it.
+/// Workers today; masters join when their plan gets a kubelet.
+pub fn runs_kubelet(role: Role) -> bool {
+    role == Role::Worker
 }
 
 /// Every unit file the phases install on `node`, rendered as on its first
@@ -50,6 +61,9 @@ pub fn rendered_units(paths: &HostPaths, config: &ClusterConfig, node: &NodeSpec
     units.extend(etcd::rendered_units(paths, config, node, role));
     if node.is_control_plane() {
         units.extend(control_plane::render_units(paths, config, node));
+    }
+    if runs_kubelet(role) {
+        units.push(container_runtime::render_unit(paths));
     }
     if role == Role::Worker {
         units.push(worker::render_kubelet_unit(paths, node));

@@ -55,6 +55,10 @@ fn cluster() -> ClusterConfig {
                 client_port: 2379,
                 peer_port: 2380,
             },
+            containerd: crate::config::ContainerdSettings {
+                sandbox_image: crate::config::ImageReference::parse("registry.k8s.io/pause:3.10.1")
+                    .unwrap(),
+            },
             ceph: None,
         },
         nodes: vec![

@@ -72,6 +72,17 @@ const SYSTEMD_ONLY_KEYS: &[(&str, &str)] = &[
     ("Service", "SystemCallFilter"),
     ("Service", "SystemCallErrorNumber"),
     ("Service", "UMask"),
+    // containerd's unit (upstream's containerd.service): cgroup delegation,
+    // which processes a stop signals, and limits/OOM score of the manager.
+    // The process backend runs ExecStart without them: it stops only the
+    // daemon's own process group (the shims run in their own), as
+    // KillMode=process does.
+    ("Service", "Delegate"),
+    ("Service", "KillMode"),
+    ("Service", "TasksMax"),
+    ("Service", "LimitNPROC"),
+    ("Service", "LimitCORE"),
+    ("Service", "OOMScoreAdjust"),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -93,6 +93,9 @@ type Check = for<'a> fn(&'a Probe) -> BoxFuture<'a, Section>;
 pub const CHECKS: &[(&str, Check)] = &[
     ("services", |p| Box::pin(services_check(p))),
     ("etcd", |p| Box::pin(etcd_check(p))),
+    ("container-runtime", |p| {
+        Box::pin(container_runtime_check(p))
+    }),
     ("kubernetes", |p| Box::pin(kubernetes_check(p))),
     ("ceph", |p| Box::pin(ceph_check(p))),
 ];
@@ -317,6 +320,46 @@ fn brief(error: &str) -> &str {
         .iter()
         .find(|(needle, _)| error.contains(needle))
         .map_or(error, |(_, gist)| gist)
+}
+
+/// The CRI's own answer (`RuntimeService/Version`, what a kubelet asks
+/// first), where the container-runtime phase installed containerd's unit.
+async fn container_runtime_check(probe: &Probe) -> Section {
+    const NAME: &str = "container-runtime";
+    let unit = crate::phases::container_runtime::UNIT;
+    if !services::unit_path(&probe.paths, unit).exists() {
+        return Section::new(
+            NAME,
+            Health::NotConfigured,
+            format!("{unit} is not installed on this node"),
+        );
+    }
+    let socket = crate::containerd::cri_socket(&probe.paths);
+    let budget = probe
+        .deadline
+        .saturating_duration_since(Instant::now())
+        .min(Duration::from_secs(2));
+    match crate::containerd::cri::version(&socket, budget).await {
+        Ok(v) => {
+            let mut section = Section::new(
+                NAME,
+                Health::Ok,
+                format!(
+                    "{} {} serves CRI {}",
+                    v.runtime_name, v.runtime_version, v.runtime_api_version
+                ),
+            );
+            section.lines = vec![crate::containerd::cri_endpoint(&probe.paths)];
+            section.data = json!({
+                "endpoint": crate::containerd::cri_endpoint(&probe.paths),
+                "runtime_name": v.runtime_name,
+                "runtime_version": v.runtime_version,
+                "runtime_api_version": v.runtime_api_version,
+            });
+            section
+        }
+        Err(e) => Section::new(NAME, Health::Failed, crate::error_chain(&e)),
+    }
 }
 
 /// Nodes as the API server sees them, only where an admin kubeconfig
