@@ -89,6 +89,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(
+            unescape_mount_path("/tmp/a\\040b/c\\134d"),
+            PathBuf::from("/tmp/a b/c\\d")
+        );
+        assert_eq!(unescape_mount_path("/plain"), PathBuf::from("/plain"));
+    }
+
+    #[test]
     fn writes_with_mode_and_replaces() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a/b/secret");
@@ -109,4 +118,50 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(read_optional(&dir.path().join("nope")).unwrap().is_none());
     }
+}
+
+/// Detaches every mount at or below `dir` (deepest first), as `kubeadm
+/// reset` does for the kubelet's directory: the kubelet bind-mounts its root
+/// dir onto itself and pods' volumes under it, so the tree cannot be removed
+/// while they stay. Returns how many were detached.
+pub fn unmount_under(dir: &Path) -> io::Result<usize> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    // Deepest first; a path mounted over twice is detached twice.
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for point in &points {
+        nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH)
+            .map_err(|e| io::Error::other(format!("umount {}: {e}", point.display())))?;
+    }
+    Ok(points.len())
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mount_path(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|o| {
+            std::str::from_utf8(o)
+                .ok()
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
 }

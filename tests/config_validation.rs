@@ -138,7 +138,7 @@ fn minimal_config_gets_defaults() {
         source_dir: fixture("valid-minimal"),
         cluster: ClusterSettings {
             name: "lab".into(),
-            k8s_version: "1.31.0".into(),
+            k8s_version: "1.34.4".into(),
             // First control-plane node, default API port.
             control_plane_endpoint: Endpoint {
                 host: "10.0.0.5".into(),

@@ -1,11 +1,10 @@
 //! `cluster-agent lab`: a cluster on this machine from one command, with
-//! real etcd and ceph-mon (and the Kubernetes doubles standing in for the
-//! binaries that cannot be installed here), and nothing left behind by
-//! `lab down`.
+//! real etcd 3.6, ceph-mon, Kubernetes and containerd (as `.ci/setup`
+//! builds them), and nothing left behind by `lab down`.
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use support::{AGENT, text};
@@ -42,34 +41,11 @@ fn processes_of(dir: &Path) -> Vec<String> {
     found
 }
 
-/// The doubles under the names the lab looks for.
-fn kube_bin_dir(base: &Path) -> PathBuf {
-    let dir = base.join("kube-bin");
-    std::fs::create_dir_all(&dir).unwrap();
-    let examples = PathBuf::from(AGENT).parent().unwrap().join("examples");
-    for name in [
-        "kube-apiserver",
-        "kube-controller-manager",
-        "kube-scheduler",
-        "kubelet",
-    ] {
-        let double = examples.join(format!("{name}-double"));
-        assert!(
-            double.exists(),
-            "{}: `cargo test` builds it",
-            double.display()
-        );
-        std::os::unix::fs::symlink(double, dir.join(name)).unwrap();
-    }
-    dir
-}
-
 #[test]
 fn lab_up_status_down_leaves_nothing_behind() {
     let base = tempfile::tempdir().unwrap();
     let dir = base.path().join("lab");
     let d = dir.to_str().unwrap();
-    let bins = kube_bin_dir(base.path());
 
     let up = lab(&[
         "up",
@@ -81,11 +57,27 @@ fn lab_up_status_down_leaves_nothing_behind() {
         "1",
         "--ceph-mons",
         "1",
-        "--kube-bin-dir",
-        bins.to_str().unwrap(),
     ]);
     assert!(up.status.success(), "{}", text(&up));
     assert!(text(&up).contains("2 nodes"), "{}", text(&up));
+    // The last line points kubectl at the lab's real API server.
+    let stdout = String::from_utf8_lossy(&up.stdout);
+    let kubeconfig = stdout
+        .lines()
+        .last()
+        .and_then(|l| l.strip_prefix("export KUBECONFIG="))
+        .unwrap_or_else(|| panic!("no export line: {stdout}"));
+    let ready = Command::new(support::built_binary("kubectl"))
+        .args(["--kubeconfig", kubeconfig, "get", "--raw", "/readyz"])
+        .output()
+        .unwrap();
+    assert!(ready.status.success(), "{}", text(&ready));
+    assert_eq!(String::from_utf8_lossy(&ready.stdout), "ok");
+    let nodes = Command::new(support::built_binary("kubectl"))
+        .args(["--kubeconfig", kubeconfig, "get", "nodes", "-o", "name"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&nodes.stdout).trim(), "node/w-1");
     // Everything ran: the worker joined Kubernetes through the master's
     // join service, the monitor is in quorum.
     assert!(
@@ -118,4 +110,26 @@ fn several_masters_without_namespaces_are_refused_plainly() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("--netns"), "{}", text(&out));
     assert!(!d.exists());
+}
+
+#[test]
+fn without_the_built_binaries_the_lab_says_how_to_build_them() {
+    let base = tempfile::tempdir().unwrap();
+    let d = base.path().join("lab");
+    let empty = base.path().join("no-binaries");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = lab(&[
+        "up",
+        "--dir",
+        d.to_str().unwrap(),
+        "--bin-dir",
+        empty.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let shown = text(&out);
+    assert!(
+        shown.contains("kube-apiserver") && shown.contains(".ci/setup"),
+        "{shown}"
+    );
+    assert!(!d.exists(), "nothing laid out");
 }

@@ -294,8 +294,11 @@ async fn up(args: &LabUpArgs) -> Result<i32, CliError> {
         let log = std::fs::File::create(root.join("agent.log"))
             .map_err(|e| CliError::Failed(format!("agent log: {e}")))?;
         let mut cmd = if args.netns {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", &format!("{NETNS_PREFIX}{}", node.name)])
+            // nsenter, not `ip netns exec`: that one remounts /sys for the
+            // namespace, which hides the cgroup mounts the kubelet needs.
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{NETNS_PREFIX}{}", node.name))
+                .arg("--")
                 .arg(&agent);
             c
         } else {
@@ -463,6 +466,8 @@ async fn down(dir: &Path) -> Result<i32, CliError> {
         }
         let _ = ip_cmd(&["link", "delete", BRIDGE]);
     }
+    crate::fsutil::unmount_under(dir)
+        .map_err(|e| CliError::Failed(format!("unmounting under {}: {e}", dir.display())))?;
     std::fs::remove_dir_all(dir)
         .map_err(|e| CliError::Failed(format!("removing {}: {e}", dir.display())))?;
     println!("lab in {} removed", dir.display());

@@ -20,7 +20,7 @@ use super::{
     EtcdSettings, ImageReference, MacAddr, Networking, NodeRole, NodeSpec,
 };
 
-pub const DEFAULT_K8S_VERSION: &str = "1.31.0";
+pub const DEFAULT_K8S_VERSION: &str = "1.34.4";
 pub const DEFAULT_API_PORT: u16 = 6443;
 pub const DEFAULT_POD_CIDR: &str = "10.244.0.0/16";
 pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";

@@ -410,7 +410,9 @@ pub async fn ensure_cluster_info(client: &kube::Client, kubeconfig: &str) -> Res
         ..Default::default()
     };
     create_or_keep(&api, &map, "configmap kube-public/cluster-info", |m| {
-        cluster_info_kubeconfig(m).unwrap_or("<no kubeconfig key>").to_string()
+        cluster_info_kubeconfig(m)
+            .unwrap_or("<no kubeconfig key>")
+            .to_string()
     })
     .await?;
     ensure_cluster_info_readable(client).await

@@ -13,21 +13,24 @@ use crate::fsutil::{self, PUBLIC_MODE, SECRET_MODE};
 use crate::join::{Material, Purpose, WorkerMaterial};
 use crate::k8s::{self, Credentials};
 use crate::services::{self, Unit};
-use crate::wait::Poll;
+use crate::wait::{self, Backoff, Poll};
 
-use super::control_plane::{self, BINARY_DIRS};
+use super::{container_runtime, control_plane};
+use crate::containerd;
 
 pub const PHASE: &str = "worker";
 pub const KUBELET: &str = "kubelet";
 pub const BOOTSTRAP_KUBECONFIG: &str = "/etc/kubernetes/bootstrap-kubelet.conf";
 pub const KUBECONFIG: &str = "/etc/kubernetes/kubelet.conf";
 pub const CA_FILE: &str = "/etc/kubernetes/pki/ca.crt";
+pub const ROOT_DIR: &str = "/var/lib/kubelet";
 pub const CONFIG_FILE: &str = "/var/lib/kubelet/config.yaml";
 pub const CERT_DIR: &str = "/var/lib/kubelet/pki";
 pub const CLIENT_CERT: &str = "/var/lib/kubelet/pki/kubelet-client-current.pem";
 /// Workers may boot long before the control plane is up.
 const JOIN_WAIT: Duration = Duration::from_secs(900);
 const REGISTER_WAIT: Duration = Duration::from_secs(300);
+const API_VERSION_WAIT: Duration = Duration::from_secs(120);
 
 pub fn phase() -> Phase {
     Phase {
@@ -129,14 +132,10 @@ async fn kubelet_version(binary: &std::path::Path) -> Result<String, StepError> 
 }
 
 fn kubelet_binary(ctx: &Context) -> Result<PathBuf, StepError> {
-    control_plane::locate(&ctx.paths, KUBELET).ok_or_else(|| {
+    ctx.paths.find_binary(KUBELET).ok_or_else(|| {
         StepError::Precondition(format!(
             "kubelet not found in {}: this image cannot join Kubernetes",
-            BINARY_DIRS
-                .iter()
-                .map(|d| ctx.paths.host(d).join(KUBELET).display().to_string())
-                .collect::<Vec<_>>()
-                .join(" or ")
+            ctx.paths.binary_dirs()
         ))
     })
 }
@@ -152,7 +151,7 @@ impl Step for KubeletBinary {
         "find the kubelet in the image (/opt/bin, /usr/bin)"
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
-        Ok(control_plane::locate(&ctx.paths, KUBELET).is_some())
+        Ok(ctx.paths.find_binary(KUBELET).is_some())
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         // An image without Kubernetes (a storage-only node): nothing to
@@ -182,7 +181,23 @@ impl Step for VersionSkew {
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         let kubelet = kubelet_version(&kubelet_binary(ctx)?).await?;
         let ca = super::read_text(&ctx.paths.host(CA_FILE))?.unwrap_or_default();
-        let (cluster, source) = match k8s::server_version(&api_server(ctx)?, &ca).await {
+        let server = api_server(ctx)?;
+        // The join service answered, so a control plane is coming up: give
+        // its API server a while to answer before trusting cluster.yaml.
+        ctx.progress.waiting(&format!("{server}/version"));
+        let asked = wait::poll_until(
+            &format!("{server}/version"),
+            API_VERSION_WAIT,
+            Backoff::remote(Duration::from_secs(2)),
+            || async {
+                match k8s::server_version(&server, &ca).await {
+                    Ok(v) => Poll::Ready(v),
+                    Err(e) => Poll::Pending(e.to_string()),
+                }
+            },
+        )
+        .await;
+        let (cluster, source) = match asked {
             Ok(v) => (v, "the API server's /version"),
             Err(e) => {
                 tracing::warn!("API version unknown ({e}); using cluster.yaml's k8s_version");
@@ -192,41 +207,54 @@ impl Step for VersionSkew {
                 )
             }
         };
-        let (Some(k), Some(c)) = (k8s::minor_version(&kubelet), k8s::minor_version(&cluster))
-        else {
-            return Err(StepError::Precondition(format!(
-                "cannot compare kubelet {kubelet} with cluster {cluster}"
-            )));
-        };
-        if k > c {
-            return Err(StepError::Precondition(format!(
-                "kubelet {kubelet} is newer than the cluster ({cluster}, from {source}); \
-                 a kubelet may not be newer than its API server: use an image with kubelet \
-                 {}.{} or older, or upgrade the control plane first",
-                c.0, c.1
-            )));
-        }
+        skew_allowed(&kubelet, &cluster, source).map_err(StepError::Precondition)?;
         tracing::info!(%kubelet, %cluster, "version skew allowed");
         Ok(Outcome::Done)
     }
 }
 
+/// A kubelet may be as new as its API server, never newer (Kubernetes'
+/// version-skew policy); `source` says where the cluster's version came
+/// from, for the message.
+fn skew_allowed(kubelet: &str, cluster: &str, source: &str) -> Result<(), String> {
+    let (Some(k), Some(c)) = (k8s::minor_version(kubelet), k8s::minor_version(cluster)) else {
+        return Err(format!(
+            "cannot compare kubelet {kubelet} with cluster {cluster}"
+        ));
+    };
+    if k > c {
+        return Err(format!(
+            "kubelet {kubelet} is newer than the cluster ({cluster}, from {source}); \
+             a kubelet may not be newer than its API server: use an image with kubelet \
+             {}.{} or older, or upgrade the control plane first",
+            c.0, c.1
+        ));
+    }
+    Ok(())
+}
+
 /// The kubelet's configuration file (`KubeletConfiguration`, JSON being
 /// YAML): cluster DNS at the tenth service IP as kubeadm does, client CA,
-/// certificate rotation and serving certificates through CSRs.
+/// certificate rotation and serving certificates through CSRs, containerd's
+/// CRI socket and the cgroup driver containerd was configured with. Its
+/// endpoints listen on the node's own address, so several nodes can share
+/// one machine's loopback in tests and the lab.
 pub fn render_kubelet_config(ctx: &Context) -> String {
     let net = &ctx.config.cluster.networking;
     let dns = std::net::Ipv4Addr::from(u32::from(net.service_cidr.network()) + 10);
     let config = serde_json::json!({
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
+        "address": ctx.node.ip.to_string(),
+        "healthzBindAddress": ctx.node.ip.to_string(),
         "authentication": {
             "anonymous": {"enabled": false},
             "webhook": {"enabled": true},
             "x509": {"clientCAFile": ctx.paths.host(CA_FILE)},
         },
         "authorization": {"mode": "Webhook"},
-        "cgroupDriver": "systemd",
+        "cgroupDriver": containerd::cgroup_driver(&ctx.paths).as_str(),
+        "containerRuntimeEndpoint": containerd::cri_endpoint(&ctx.paths),
         "clusterDNS": [dns.to_string()],
         "clusterDomain": net.dns_domain,
         "rotateCertificates": true,
@@ -249,10 +277,14 @@ pub fn render_kubelet_unit(
             format!("--kubeconfig={}", p(KUBECONFIG)),
             format!("--config={}", p(CONFIG_FILE)),
             format!("--cert-dir={}", p(CERT_DIR)),
+            format!("--root-dir={}", p(ROOT_DIR)),
             format!("--hostname-override={}", node.name),
             format!("--node-ip={}", node.ip),
         ],
-        vec![],
+        vec![container_runtime::UNIT.to_string()],
+        // The kubeconfig and certificates are the kubelet's own: it
+        // rotates them itself.
+        &[paths.host(CONFIG_FILE), paths.host(CA_FILE)],
     )
 }
 
@@ -335,5 +367,26 @@ impl Step for StartKubelet {
         })
         .await?;
         Ok(Outcome::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::skew_allowed;
+
+    #[test]
+    fn a_kubelet_may_not_be_newer_than_its_api_server() {
+        let api = "the API server's /version";
+        assert!(skew_allowed("v1.34.4", "v1.34.4", api).is_ok());
+        assert!(skew_allowed("v1.33.9", "v1.34.4", api).is_ok());
+        assert!(skew_allowed("v1.34.0", "v1.34.4", api).is_ok());
+        let refused = skew_allowed("v1.35.0", "v1.34.4", api).unwrap_err();
+        assert!(
+            refused.contains("kubelet v1.35.0 is newer than the cluster (v1.34.4, from the API server's /version)")
+                && refused.contains("kubelet 1.34 or older"),
+            "{refused}"
+        );
+        assert!(skew_allowed("v2.0.0", "1.34.4", "cluster.yaml").is_err());
+        assert!(skew_allowed("garbage", "v1.34.4", api).is_err());
     }
 }

@@ -16,10 +16,7 @@ pub const AGENT: &str = env!("CARGO_BIN_EXE_cluster-agent");
 /// The directory `.ci/setup` (tools/kube-bins/build) links the real etcd,
 /// Kubernetes and containerd binaries into.
 pub fn built_bin_dir() -> PathBuf {
-    let cache = std::env::var_os("CLUSTER_AGENT_BIN_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/cluster-agent"));
-    cache.join("bin")
+    cluster_agent::cmd::lab::built_bin_dir()
 }
 
 /// One of those binaries; a test that needs it fails, naming how to build it.
@@ -197,8 +194,13 @@ impl Cluster {
         let program = program.as_ref();
         match self.netns(node) {
             Some(ns) => {
-                let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", &ns]).arg(program);
+                // nsenter, not `ip netns exec`: that one remounts /sys for
+                // the namespace, which hides the cgroup mounts the kubelet
+                // needs.
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(program);
                 cmd
             }
             None => Command::new(program),
@@ -416,6 +418,8 @@ impl Drop for Cluster {
         if matches!(self.net, Net::Namespaces { .. }) {
             self.remove_namespaces();
         }
+        // The kubelet's self bind-mount would keep the temp dir.
+        let _ = cluster_agent::fsutil::unmount_under(self.dir.path());
     }
 }
 
