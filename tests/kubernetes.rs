@@ -73,7 +73,17 @@ fn rack() -> Cluster {
     ]))
 }
 
-/// One master and one worker on loopback addresses.
+/// The controller-manager and scheduler serve their health ports on
+/// 127.0.0.1 (10257, 10259), as kubeadm's do: two masters that share the
+/// host's loopback collide there, so tests with a loopback master take
+/// turns. Hold the turn for as long as the cluster lives.
+fn loopback_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One master and one worker on loopback addresses (take a
+/// [`loopback_turn`] first).
 fn pair() -> Cluster {
     with_images(Cluster::new(&[
         ("cp-1", &["control-plane"]),
@@ -440,6 +450,7 @@ fn assert_pair_converged(c: &Cluster, what: &str) {
 /// 127.0.0.1, as kubeadm's do, so two masters cannot share a loopback.
 #[test]
 fn a_crash_at_every_kubernetes_step_converges() {
+    let _turn = loopback_turn();
     let master_steps = [
         "control-plane-binaries",
         "control-plane-kubeconfigs",
@@ -500,6 +511,7 @@ fn cold_start(c: &Cluster) -> Vec<(&'static str, std::process::Child)> {
 /// the agent while the worker is joining through them.
 #[test]
 fn sigkill_at_random_moments_of_a_cold_start_converges() {
+    let _turn = loopback_turn();
     // Kills land inside an undisturbed cold start, measured here, so the
     // window fits this machine's speed.
     let c = pair();
@@ -639,6 +651,7 @@ async fn serving_verdict(
 /// reason; neither a bootstrap token nor a node may approve a CSR itself.
 #[test]
 fn the_serving_csr_approver_denies_with_reasons_through_the_api() {
+    let _turn = loopback_turn();
     let c = pair();
     run_ok(&c, "cp-1");
     run_ok(&c, "w-1");
