@@ -84,42 +84,6 @@ pub fn create_dir_with_mode(path: &Path, mode: u32) -> io::Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_paths_are_unescaped() {
-        assert_eq!(
-            unescape_mount_path("/tmp/a\\040b/c\\134d"),
-            PathBuf::from("/tmp/a b/c\\d")
-        );
-        assert_eq!(unescape_mount_path("/plain"), PathBuf::from("/plain"));
-    }
-
-    #[test]
-    fn writes_with_mode_and_replaces() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a/b/secret");
-        write_atomic(&path, b"one", SECRET_MODE).unwrap();
-        write_atomic(&path, b"two", SECRET_MODE).unwrap();
-        assert_eq!(fs::read(&path).unwrap(), b"two");
-        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        let leftovers: Vec<_> = fs::read_dir(path.parent().unwrap())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(leftovers.len(), 1, "no temp files left: {leftovers:?}");
-    }
-
-    #[test]
-    fn read_optional_maps_missing_to_none() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(read_optional(&dir.path().join("nope")).unwrap().is_none());
-    }
-}
-
 /// Detaches every mount at or below `dir` (deepest first), as `kubeadm
 /// reset` does for the kubelet's directory: the kubelet bind-mounts its root
 /// dir onto itself and pods' volumes under it, so the tree cannot be removed
@@ -164,4 +128,40 @@ fn unescape_mount_path(field: &str) -> PathBuf {
         }
     }
     PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(
+            unescape_mount_path("/tmp/a\\040b/c\\134d"),
+            PathBuf::from("/tmp/a b/c\\d")
+        );
+        assert_eq!(unescape_mount_path("/plain"), PathBuf::from("/plain"));
+    }
+
+    #[test]
+    fn writes_with_mode_and_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/b/secret");
+        write_atomic(&path, b"one", SECRET_MODE).unwrap();
+        write_atomic(&path, b"two", SECRET_MODE).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let leftovers: Vec<_> = fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 1, "no temp files left: {leftovers:?}");
+    }
+
+    #[test]
+    fn read_optional_maps_missing_to_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(read_optional(&dir.path().join("nope")).unwrap().is_none());
+    }
 }
