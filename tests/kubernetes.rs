@@ -748,3 +748,54 @@ fn the_serving_csr_approver_denies_with_reasons_through_the_api() {
     });
     assert_eq!(approver_holder(&c), "cp-1");
 }
+
+/// The pid the process backend recorded for `unit` on `node`.
+fn unit_pid(c: &Cluster, node: &str, unit: &str) -> String {
+    let file = c.root(node).join(format!("run/cluster-agent/{unit}.pid"));
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    text.split_whitespace().next().unwrap().to_string()
+}
+
+/// A renewed certificate reaches the component that reads it: the API
+/// server's serving certificate is reissued (here: removed, so the PKI
+/// phase issues a new one) and the next run restarts kube-apiserver, which
+/// then serves the new certificate; the components whose inputs did not
+/// change keep running.
+#[test]
+fn renewed_certificates_restart_the_components_that_read_them() {
+    let _turn = loopback_turn();
+    let c = pair();
+    run_ok(&c, "cp-1");
+    let apiserver = unit_pid(&c, "cp-1", "kube-apiserver.service");
+    let scheduler = unit_pid(&c, "cp-1", "kube-scheduler.service");
+    let pki = c.root("cp-1").join("etc/kubernetes/pki");
+    let old = std::fs::read_to_string(pki.join("apiserver.crt")).unwrap();
+    std::fs::remove_file(pki.join("apiserver.crt")).unwrap();
+    std::fs::remove_file(pki.join("apiserver.key")).unwrap();
+    run_ok(&c, "cp-1");
+    let new = std::fs::read_to_string(pki.join("apiserver.crt")).unwrap();
+    assert_ne!(old, new, "a new certificate was issued");
+    assert_ne!(
+        unit_pid(&c, "cp-1", "kube-apiserver.service"),
+        apiserver,
+        "kube-apiserver restarted"
+    );
+    assert_eq!(
+        unit_pid(&c, "cp-1", "kube-scheduler.service"),
+        scheduler,
+        "the scheduler's inputs did not change"
+    );
+    let served = Command::new("openssl")
+        .args(["s_client", "-connect"])
+        .arg(format!("{}:6443", c.nodes[0].ip))
+        .arg("-showcerts")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl runs");
+    let served = String::from_utf8_lossy(&served.stdout);
+    let first = new.lines().nth(1).unwrap();
+    assert!(
+        served.contains(first),
+        "the new certificate is served: {served}"
+    );
+}
