@@ -3,7 +3,8 @@
 //! and whether the target (agent overhead ≤ 10 % over etcd's own times) is
 //! met; it panics only when a formation itself fails.
 //!
-//! Run as root (network namespaces), with Debian's `etcd-server` installed:
+//! Run as root (network namespaces), with etcd built by `.ci/setup` (the
+//! harness links it into every node's `/opt/bin`):
 //!
 //! ```text
 //! cargo bench --bench etcd_formation
@@ -49,7 +50,7 @@
 //!   status through a fresh TLS client with the healthcheck-client
 //!   certificate the agent issued. Ready = the first answer naming a leader,
 //!   the criterion of the agent's `etcd-start` (`local_member_with_leader`).
-//!   etcd 3.4 listens early but serves its client port only once ready, so
+//!   etcd listens early but serves its client port only once ready, so
 //!   a handshake pending then completes the moment etcd serves. Checked
 //!   against etcd's own log line "serving client traffic securely" (ms).
 //! * **member started / voter (own)** — for a joiner, the same poller asks
@@ -161,13 +162,12 @@ fn preflight() {
     if !nix::unistd::geteuid().is_root() {
         missing.push("root (the nodes run in network namespaces)".to_string());
     }
-    for (file, package) in [
-        ("/usr/bin/etcd", "etcd-server"),
-        ("/usr/sbin/ip", "iproute2"),
-    ] {
-        if !std::path::Path::new(file).exists() {
-            missing.push(format!("{file} (apt-get install {package})"));
-        }
+    let etcd = support::built_bin_dir().join("etcd");
+    if !etcd.is_file() {
+        missing.push(format!("{} (run .ci/setup)", etcd.display()));
+    }
+    if !std::path::Path::new("/usr/sbin/ip").exists() {
+        missing.push("/usr/sbin/ip (apt-get install iproute2)".to_string());
     }
     if !missing.is_empty() {
         eprintln!(
@@ -621,39 +621,10 @@ fn zap_ts(line: &serde_json::Value) -> Option<SystemTime> {
         .map(SystemTime::from)
 }
 
-/// etcd 3.4 starts with a few capnslog lines in local time and µs
-/// ("2026-01-01 12:00:00.123456 I | pkg/flags: …"): the first is what its
-/// main() does first. Read only when local time is UTC.
+/// etcd's first log line (zap, UTC, µs: the flags it read from the
+/// environment): what its main() does first.
 fn first_log_line(log: &str) -> Option<SystemTime> {
-    if !local_time_is_utc() {
-        return None;
-    }
-    let stamp = log.lines().next()?.get(..26)?;
-    let format = time::format_description::parse(
-        "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond]",
-    )
-    .ok()?;
-    time::PrimitiveDateTime::parse(stamp, &format)
-        .ok()
-        .map(|t| SystemTime::from(t.assume_utc()))
-}
-
-fn local_time_is_utc() -> bool {
-    let utc = |name: &str| {
-        let name = name.trim_start_matches(':');
-        [
-            "UTC", "Etc/UTC", "UCT", "Etc/UCT", "Zulu", "UTC0", "GMT", "Etc/GMT",
-        ]
-        .iter()
-        .any(|z| name == *z || name.ends_with(&format!("/{z}")))
-    };
-    match std::env::var("TZ") {
-        Ok(tz) => utc(&tz),
-        Err(_) => match std::fs::read_link("/etc/localtime") {
-            Ok(target) => utc(&target.to_string_lossy()),
-            Err(_) => !std::path::Path::new("/etc/localtime").exists(),
-        },
-    }
+    zap_lines(log).next().and_then(|l| zap_ts(&l))
 }
 
 /// When etcd logged `msg` first.

@@ -1,6 +1,7 @@
-//! etcd formation against Debian's real etcd: three control-plane nodes on
-//! their own 127.x addresses, each a `cluster-agent run --services process`
-//! under its own root. Checked with etcdctl and raw TLS clients.
+//! etcd formation against the real etcd (3.6, built by `.ci/setup`): three
+//! control-plane nodes, each in its own network namespace, each a
+//! `cluster-agent run --services process` under its own root. Checked with
+//! etcdctl and raw TLS clients.
 
 mod support;
 
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use support::etcd::{
     assert_converged, etcdctl, finish, formation, members, node_ip, run_ok, spawn_run,
 };
-use support::{Cluster, text};
+use support::{Cluster, built_binary, install_built, text};
 
 const MASTERS: &[(&str, &[&str])] = &[
     ("cp-1", &["control-plane"]),
@@ -85,8 +86,7 @@ fn clients_without_tls_or_certificate_are_refused() {
     run_ok(&c, "cp-1");
     let ip = node_ip(&c, "cp-1");
     let plaintext = c
-        .command_on("cp-1", "etcdctl")
-        .env("ETCDCTL_API", "3")
+        .command_on("cp-1", built_binary("etcdctl"))
         .arg(format!("--endpoints=http://{ip}:2379"))
         .args(["--command-timeout=2s", "get", "x"])
         .output()
@@ -98,8 +98,7 @@ fn clients_without_tls_or_certificate_are_refused() {
     );
     let ca = c.root("cp-1").join("etc/kubernetes/pki/etcd/ca.crt");
     let certless = c
-        .command_on("cp-1", "etcdctl")
-        .env("ETCDCTL_API", "3")
+        .command_on("cp-1", built_binary("etcdctl"))
         .arg(format!("--endpoints=https://{ip}:2379"))
         .arg(format!("--cacert={}", ca.display()))
         .args(["--command-timeout=2s", "get", "x"])
@@ -157,6 +156,98 @@ fn clients_without_tls_or_certificate_are_refused() {
     );
     let ok = etcdctl(&c, "cp-1", &["put", "k", "v"]);
     assert!(ok.status.success(), "{}", text(&ok));
+}
+
+/// The description `etcd --help` gives `flag`: its line and the indented
+/// lines below it, up to the next option.
+fn help_entry(help: &str, flag: &str) -> Option<String> {
+    let mut lines = help.lines().skip_while(|l| {
+        let l = l.trim_start();
+        !(l == flag || l.starts_with(&format!("{flag} ")))
+    });
+    let first = lines.next()?;
+    let rest = lines.take_while(|l| l.starts_with("    ") && !l.trim_start().starts_with("--"));
+    Some(
+        std::iter::once(first)
+            .chain(rest)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
+/// Every variable the agent renders into etcd's environment is one the built
+/// etcd (3.6) knows, uses and does not call deprecated: etcd's own log lists
+/// each as "recognized and used" and none as "unrecognized" (3.6 dropped the
+/// v2 store's `ETCD_ENABLE_V2`, for one), and `etcd --help` describes none of
+/// the matching flags as deprecated (3.6 deprecated the `--experimental-*`
+/// flags in favour of plain flags and feature gates).
+#[test]
+fn etcd_takes_every_rendered_variable_and_none_is_deprecated() {
+    let c = Cluster::new(&MASTERS[..1]);
+    c.share_ca();
+    run_ok(&c, "cp-1");
+    let env_path = c.root("cp-1").join("etc/etcd/etcd.env");
+    let vars = cluster_agent::services::unit::parse_env_file(
+        &std::fs::read_to_string(&env_path).unwrap(),
+        &env_path,
+    )
+    .unwrap();
+    assert!(vars.contains_key("ETCD_NAME"), "{vars:?}");
+
+    let log_path = c
+        .root("cp-1")
+        .join("var/log/cluster-agent/etcd.service.log");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let unrecognized: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["msg"] == "unrecognized environment variable")
+        .collect();
+    assert!(unrecognized.is_empty(), "etcd ignored: {unrecognized:#?}");
+    let used: std::collections::BTreeSet<&str> = lines
+        .iter()
+        .filter(|l| l["msg"] == "recognized and used environment variable")
+        .filter_map(|l| l["variable-name"].as_str())
+        .collect();
+    for name in vars.keys() {
+        assert!(
+            used.contains(name.as_str()),
+            "etcd did not report using {name}; it used {used:?} ({})",
+            log_path.display()
+        );
+    }
+    let deprecations: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["level"] == "warn" && l.to_string().to_lowercase().contains("deprecat"))
+        .collect();
+    assert!(deprecations.is_empty(), "{deprecations:#?}");
+
+    let help = std::process::Command::new(built_binary("etcd"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = format!(
+        "{}{}",
+        String::from_utf8_lossy(&help.stdout),
+        String::from_utf8_lossy(&help.stderr)
+    );
+    for name in vars.keys() {
+        let flag = format!(
+            "--{}",
+            name.trim_start_matches("ETCD_")
+                .to_lowercase()
+                .replace('_', "-")
+        );
+        let entry = help_entry(&help, &flag)
+            .unwrap_or_else(|| panic!("{name}: the built etcd has no {flag}"));
+        assert!(
+            !entry.to_lowercase().contains("deprecated"),
+            "{name} is deprecated in the built etcd: {entry}"
+        );
+    }
 }
 
 fn etcd_steps(c: &Cluster, node: &str) -> Vec<String> {
@@ -292,6 +383,8 @@ fn reimaged_master_first_rejoins_the_existing_cluster() {
     std::fs::remove_dir_all(&root).unwrap();
     std::fs::create_dir_all(c.config_dir("cp-1").parent().unwrap()).unwrap();
     std::fs::rename(&keep, c.config_dir("cp-1")).unwrap();
+    // The fresh image ships etcd again.
+    install_built(&root, &["etcd"]);
 
     run_ok(&c, "cp-1");
     assert_eq!(

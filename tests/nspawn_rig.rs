@@ -21,10 +21,8 @@ fn members(rig: &Rig, node: &str) -> Vec<serde_json::Value> {
     let pki = "/etc/kubernetes/pki/etcd";
     let out = rig.exec(
         node,
-        "env",
+        "/opt/bin/etcdctl",
         &[
-            "ETCDCTL_API=3",
-            "etcdctl",
             &format!("--endpoints=https://{ip}:2379"),
             &format!("--cacert={pki}/ca.crt"),
             &format!("--cert={pki}/healthcheck-client.crt"),

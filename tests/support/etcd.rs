@@ -12,8 +12,7 @@ pub fn node_ip(c: &Cluster, node: &str) -> String {
 /// etcdctl as `node`'s healthcheck client, against `node`'s etcd.
 pub fn etcdctl(c: &Cluster, node: &str, args: &[&str]) -> Output {
     let pki = c.root(node).join("etc/kubernetes/pki/etcd");
-    c.command_on(node, "etcdctl")
-        .env("ETCDCTL_API", "3")
+    c.command_on(node, super::built_binary("etcdctl"))
         .arg(format!("--endpoints=https://{}:2379", node_ip(c, node)))
         .arg(format!("--cacert={}", pki.join("ca.crt").display()))
         .arg(format!(
@@ -27,7 +26,7 @@ pub fn etcdctl(c: &Cluster, node: &str, args: &[&str]) -> Output {
         .arg("--command-timeout=5s")
         .args(args)
         .output()
-        .expect("etcdctl is installed (apt-get install etcd-client)")
+        .expect("spawn etcdctl")
 }
 
 #[derive(Debug)]

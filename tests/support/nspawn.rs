@@ -8,7 +8,9 @@
 //!   benchmarking range, never routed), assigned by systemd-networkd from
 //!   the file the agent renders;
 //! * the freshly built agent as `/usr/bin/cluster-agent` and our `systemd/`
-//!   units in `/usr/lib/systemd/system` (what the image ships), and
+//!   units in `/usr/lib/systemd/system` (what the image ships), on
+//!   control-plane nodes the built etcd and etcdctl (3.6, `.ci/setup`)
+//!   copied into `/opt/bin`, and
 //!   `/etc/cluster-config` laid out as our Ignition configs lay it out
 //!   (cluster.yaml, node-identity, secrets/join-secret 0600) with
 //!   `cluster-bootstrap.service` enabled.
@@ -25,13 +27,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{AGENT, NodeDef, cluster_yaml};
+use super::{AGENT, NodeDef, built_binary, cluster_yaml};
 
 /// Bump when the root file system's contents or preparation change: the
 /// cache is keyed by it.
-const ROOTFS_VERSION: &str = "bookworm-v1";
-const PACKAGES: &str = "systemd,systemd-sysv,dbus,libpam-systemd,iproute2,\
-                        etcd-server,etcd-client,ceph-mon,ceph-common";
+const ROOTFS_VERSION: &str = "bookworm-v2";
+/// No etcd: Debian's (3.4) is not what the agent runs; each control-plane
+/// node gets the built one (see [`Rig::install_node`]).
+const PACKAGES: &str = "systemd,systemd-sysv,dbus,libpam-systemd,iproute2,ceph-mon,ceph-common";
 const MIRROR: &str = "http://deb.debian.org/debian";
 
 fn target_dir() -> PathBuf {
@@ -54,7 +57,7 @@ pub fn rootfs() -> PathBuf {
         .map_err(|(_, e)| e)
         .expect("lock the rootfs cache");
     let done = cache.join(ROOTFS_VERSION);
-    if done.join("usr/bin/etcd").exists() {
+    if done.join("usr/bin/ceph-mon").exists() {
         return done;
     }
     for tool in ["debootstrap", "systemd-nspawn", "nsenter"] {
@@ -99,17 +102,14 @@ fn which(tool: &str) -> bool {
 }
 
 /// Makes the Debian tree look like a Flatcar node before Ignition: networkd
-/// manages the links; the daemons Debian enables on install (its own etcd
-/// and ceph units) are not enabled, because on our nodes only the agent
-/// starts them.
+/// manages the links; the daemons Debian enables on install (its ceph
+/// units) are not enabled, because on our nodes only the agent starts them.
 fn prepare_image(root: &Path) {
     let wants = |target: &str| {
         root.join("etc/systemd/system")
             .join(format!("{target}.wants"))
     };
     for leftover in [
-        root.join("etc/systemd/system/etcd2.service"),
-        wants("multi-user.target").join("etcd.service"),
         wants("multi-user.target").join("ceph.target"),
         wants("multi-user.target").join("ceph-mon.target"),
         wants("ceph.target").join("ceph-mon.target"),
@@ -236,6 +236,15 @@ impl Rig {
             "multi-user.target",
             "/usr/lib/systemd/system/cluster-bootstrap.service",
         );
+        let spec = self.nodes.iter().find(|n| n.name == node).unwrap();
+        if spec.roles.contains(&"control-plane") {
+            // Copies: the container does not see the host's build cache.
+            let bin = upper.join("opt/bin");
+            fs::create_dir_all(&bin).unwrap();
+            for name in ["etcd", "etcdctl"] {
+                fs::copy(built_binary(name), bin.join(name)).unwrap();
+            }
+        }
     }
 
     fn mounted(&self, node: &str) -> bool {
