@@ -229,26 +229,24 @@ fn assert_joined(c: &Cluster, masters: &[&str], workers: &[&str]) {
     }
 }
 
-/// `kube-public/cluster-info` as a joining node without credentials sees
-/// it, and its signature checked the way `kubeadm join --discovery-token`
-/// checks it: a detached JWS (HS256, keyed by the token's secret) over the
-/// kubeconfig, one per signing token.
-fn assert_cluster_info_signed(c: &Cluster) {
-    let info: serde_json::Value = serde_json::from_str(&kubectl(
+/// `kube-public/cluster-info`, which a joining node without credentials
+/// may read: fetched as `system:anonymous` (impersonated by the admin).
+fn anonymous_cluster_info(c: &Cluster) -> serde_json::Value {
+    let path = "/api/v1/namespaces/kube-public/configmaps/cluster-info";
+    serde_json::from_str(&kubectl(
         c,
         "cp-1",
         &admin(c),
-        &[
-            "get",
-            "configmap",
-            "-n",
-            "kube-public",
-            "cluster-info",
-            "-o",
-            "json",
-        ],
+        &["--as=system:anonymous", "get", "--raw", path],
     ))
-    .unwrap();
+    .unwrap()
+}
+
+/// That ConfigMap and its signature checked the way `kubeadm join --discovery-token`
+/// checks it: a detached JWS (HS256, keyed by the token's secret) over the
+/// kubeconfig, one per signing token.
+fn assert_cluster_info_signed(c: &Cluster) {
+    let info = anonymous_cluster_info(c);
     let kubeconfig = info["data"]["kubeconfig"].as_str().unwrap();
     assert!(
         kubeconfig.contains("certificate-authority-data"),
@@ -261,21 +259,7 @@ fn assert_cluster_info_signed(c: &Cluster) {
         let secret = b64(&token["data"]["token-secret"]);
         let deadline = Instant::now() + Duration::from_secs(60);
         let jws = loop {
-            let info: serde_json::Value = serde_json::from_str(&kubectl(
-                c,
-                "cp-1",
-                &admin(c),
-                &[
-                    "get",
-                    "configmap",
-                    "-n",
-                    "kube-public",
-                    "cluster-info",
-                    "-o",
-                    "json",
-                ],
-            ))
-            .unwrap();
+            let info = anonymous_cluster_info(c);
             if let Some(jws) = info["data"][format!("jws-kubeconfig-{id}")].as_str() {
                 break jws.to_string();
             }
