@@ -9,6 +9,7 @@ pub mod dbus;
 pub mod etcd;
 pub mod node_csr;
 pub mod nspawn;
+pub mod oci;
 pub mod systemd1_double;
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_cluster-agent");
