@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::{ClusterConfig, NodeRole, NodeSpec};
 use crate::paths::HostPaths;
+use crate::wait::Poll;
 
 pub const CLUSTER: &str = "ceph";
 pub const CONF_FILE: &str = "/etc/ceph/ceph.conf";
@@ -47,6 +48,14 @@ pub enum CephError {
         program: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error(
+        "monitor {id} is still in the monmap: {source}; check `ceph -s` on a monitor in quorum"
+    )]
+    NotRemoved {
+        id: String,
+        #[source]
+        source: crate::wait::WaitTimeout,
     },
     #[error("admin socket {}: {reason}", path.display())]
     AdminSocket { path: PathBuf, reason: String },
@@ -372,29 +381,58 @@ pub async fn quorum_status(
     ))
 }
 
-/// `ceph mon remove <id>`; a monitor already gone is success.
+/// How long a monitor's removal may take to hold in the quorum's map.
+const REMOVE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Takes monitor `id` out of the monmap through the quorum and returns only
+/// once the quorum's map no longer lists it. `ceph mon remove` answered 0
+/// under load while the map kept the monitor (the change lost to an
+/// election), so the map is read back and the removal asked again until it
+/// holds; a monitor already gone is success.
 pub async fn remove_monitor(conf: &Path, admin_keyring: &Path, id: &str) -> Result<(), CephError> {
     let timeout = CLI_CONNECT_TIMEOUT.as_secs().to_string();
-    match run(
-        "ceph",
-        &[
-            "--connect-timeout".as_ref(),
-            timeout.as_ref(),
-            "-c".as_ref(),
-            conf.as_os_str(),
-            "mon".as_ref(),
-            "remove".as_ref(),
-            id.as_ref(),
-        ],
-        &[(
-            "CEPH_ARGS",
-            format!("--keyring {}", admin_keyring.display()),
-        )],
+    let keyring_arg = format!("--keyring {}", admin_keyring.display());
+    let ask_removal = || async {
+        run(
+            "ceph",
+            &[
+                "--connect-timeout".as_ref(),
+                timeout.as_ref(),
+                "-c".as_ref(),
+                conf.as_os_str(),
+                "mon".as_ref(),
+                "remove".as_ref(),
+                id.as_ref(),
+            ],
+            &[("CEPH_ARGS", keyring_arg.clone())],
+        )
+        .await
+    };
+    let outcome = crate::wait::poll_until(
+        &format!("monitor {id} to leave the monmap"),
+        REMOVE_DEADLINE,
+        crate::wait::Backoff::remote(Duration::from_secs(2)),
+        || async {
+            match quorum_status(conf, admin_keyring, CLI_CONNECT_TIMEOUT).await {
+                Ok((_, mons)) if !mons.iter().any(|m| m == id) => return Poll::Ready(Ok(())),
+                Ok(_) => {}
+                Err(e @ CephError::Spawn { .. }) => return Poll::Ready(Err(e)),
+                Err(e) => return Poll::Pending(e.to_string()),
+            }
+            match ask_removal().await {
+                Ok(_) => Poll::Pending(format!("the monmap still lists {id}")),
+                Err(e @ CephError::Spawn { .. }) => Poll::Ready(Err(e)),
+                Err(e) => Poll::Pending(e.to_string()),
+            }
+        },
     )
-    .await
-    {
-        Err(CephError::Command { stderr, .. }) if stderr.contains("does not exist") => Ok(()),
-        other => other.map(drop),
+    .await;
+    match outcome {
+        Ok(result) => result,
+        Err(source) => Err(CephError::NotRemoved {
+            id: id.to_string(),
+            source,
+        }),
     }
 }
 
