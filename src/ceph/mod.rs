@@ -333,6 +333,34 @@ async fn run(
     })
 }
 
+/// The `ceph` CLI through the quorum with the admin key; `connect_timeout`
+/// bounds how long an unreachable quorum is tried. The key is passed in
+/// CEPH_ARGS so the CLI neither warns about nor reads /etc/ceph keyrings.
+async fn admin_cli(
+    conf: &Path,
+    admin_keyring: &Path,
+    connect_timeout: Duration,
+    args: &[&std::ffi::OsStr],
+) -> Result<Vec<u8>, CephError> {
+    let timeout = connect_timeout.as_secs().max(1).to_string();
+    let mut all: Vec<&std::ffi::OsStr> = vec![
+        "--connect-timeout".as_ref(),
+        timeout.as_ref(),
+        "-c".as_ref(),
+        conf.as_os_str(),
+    ];
+    all.extend_from_slice(args);
+    run(
+        "ceph",
+        &all,
+        &[(
+            "CEPH_ARGS",
+            format!("--keyring {}", admin_keyring.display()),
+        )],
+    )
+    .await
+}
+
 /// `ceph quorum_status` through the quorum: (monitors in quorum, every
 /// monitor in the map). `connect_timeout` bounds how long an unreachable
 /// quorum is tried.
@@ -341,22 +369,11 @@ pub async fn quorum_status(
     admin_keyring: &Path,
     connect_timeout: Duration,
 ) -> Result<(Vec<String>, Vec<String>), CephError> {
-    let timeout = connect_timeout.as_secs().max(1).to_string();
-    let out = run(
-        "ceph",
-        &[
-            "--connect-timeout".as_ref(),
-            timeout.as_ref(),
-            "-c".as_ref(),
-            conf.as_os_str(),
-            "quorum_status".as_ref(),
-            "-f".as_ref(),
-            "json".as_ref(),
-        ],
-        &[(
-            "CEPH_ARGS",
-            format!("--keyring {}", admin_keyring.display()),
-        )],
+    let out = admin_cli(
+        conf,
+        admin_keyring,
+        connect_timeout,
+        &["quorum_status".as_ref(), "-f".as_ref(), "json".as_ref()],
     )
     .await?;
     let v: serde_json::Value = serde_json::from_slice(&out).map_err(|e| CephError::Command {
@@ -390,21 +407,12 @@ const REMOVE_DEADLINE: Duration = Duration::from_secs(60);
 /// election), so the map is read back and the removal asked again until it
 /// holds; a monitor already gone is success.
 pub async fn remove_monitor(conf: &Path, admin_keyring: &Path, id: &str) -> Result<(), CephError> {
-    let timeout = CLI_CONNECT_TIMEOUT.as_secs().to_string();
-    let keyring_arg = format!("--keyring {}", admin_keyring.display());
     let ask_removal = || async {
-        run(
-            "ceph",
-            &[
-                "--connect-timeout".as_ref(),
-                timeout.as_ref(),
-                "-c".as_ref(),
-                conf.as_os_str(),
-                "mon".as_ref(),
-                "remove".as_ref(),
-                id.as_ref(),
-            ],
-            &[("CEPH_ARGS", keyring_arg.clone())],
+        admin_cli(
+            conf,
+            admin_keyring,
+            CLI_CONNECT_TIMEOUT,
+            &["mon".as_ref(), "remove".as_ref(), id.as_ref()],
         )
         .await
     };
@@ -460,24 +468,16 @@ pub async fn create_seed_monmap(out: &Path, fsid: &str, node: &NodeSpec) -> Resu
 
 /// The cluster's current monmap, from the quorum, with the admin key.
 pub async fn fetch_monmap(conf: &Path, admin_keyring: &Path, out: &Path) -> Result<(), CephError> {
-    let timeout = CLI_CONNECT_TIMEOUT.as_secs().to_string();
-    run(
-        "ceph",
+    admin_cli(
+        conf,
+        admin_keyring,
+        CLI_CONNECT_TIMEOUT,
         &[
-            "--connect-timeout".as_ref(),
-            timeout.as_ref(),
-            "-c".as_ref(),
-            conf.as_os_str(),
             "mon".as_ref(),
             "getmap".as_ref(),
             "-o".as_ref(),
             out.as_os_str(),
         ],
-        // Keeps the CLI from warning about (and reading) /etc/ceph keyrings.
-        &[(
-            "CEPH_ARGS",
-            format!("--keyring {}", admin_keyring.display()),
-        )],
     )
     .await
     .map(drop)
