@@ -70,6 +70,9 @@ pub enum Command {
     /// Serve join material to nodes that prove they hold the join secret
     /// (the long-running cluster-join.service on control-plane nodes)
     ServeJoin(ServeJoinArgs),
+    /// Keep a route to every other node's pod CIDR and the pods' egress NAT
+    /// (the long-running cluster-pod-routes.service on Kubernetes nodes)
+    PodRoutes,
     /// Render provisioning data from the config dir: Ignition configs, Matchbox data
     #[command(subcommand)]
     Render(RenderCommand),

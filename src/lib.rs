@@ -13,6 +13,7 @@ pub mod notify;
 pub mod paths;
 pub mod phases;
 pub mod pki;
+pub mod podnet;
 pub mod provision;
 pub mod role;
 pub mod services;

@@ -349,6 +349,17 @@ fn overlapping_pod_and_service_cidrs() {
     );
 }
 
+/// Each kubelet node gets a /24 of the pod CIDR; a /23 holds two.
+#[test]
+fn a_pod_cidr_without_a_range_for_every_kubelet_is_refused() {
+    assert_errors(
+        "pod-cidr-too-small",
+        &[
+            "cluster.yaml:4:15: cluster.networking.pod_cidr: 10.244.0.0/23 has room for 2 node range(s) of /24, but 3 nodes run a kubelet and each gets one: use a /22 or larger",
+        ],
+    );
+}
+
 #[test]
 fn at_least_one_control_plane() {
     assert_errors(

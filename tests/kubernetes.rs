@@ -35,20 +35,32 @@ const MASTER_BINARIES: [&str; 4] = [
     "kube-controller-manager",
     "kube-scheduler",
 ];
-const WORKER_BINARIES: [&str; 3] = ["containerd", "containerd-shim-runc-v2", "kubelet"];
+const NODE_BINARIES: [&str; 3] = ["containerd", "containerd-shim-runc-v2", "kubelet"];
+/// Debian's CNI reference plugins (containernetworking-plugins).
+const CNI_PLUGINS: &str = "/usr/lib/cni";
+const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane";
 
-/// What the image would ship: the built binaries, and Debian's runc.
+/// What the image would ship: the built binaries, Debian's runc and CNI
+/// plugins; masters also the control plane (every node runs a kubelet).
 fn install_image(c: &Cluster, node: &str) {
     let root = c.root(node);
     if MASTERS.contains(&node) {
         install_built(&root, &MASTER_BINARIES);
-    } else {
-        install_built(&root, &WORKER_BINARIES);
-        let runc = support::require_tool("runc", "runc");
-        let link = root.join("opt/bin/runc");
-        if !link.exists() {
-            std::os::unix::fs::symlink(runc, link).unwrap();
-        }
+    }
+    install_built(&root, &NODE_BINARIES);
+    let runc = support::require_tool("runc", "runc");
+    let link = root.join("opt/bin/runc");
+    if !link.exists() {
+        std::os::unix::fs::symlink(runc, link).unwrap();
+    }
+    assert!(
+        Path::new(CNI_PLUGINS).join("bridge").is_file(),
+        "no CNI plugins in {CNI_PLUGINS}: install Debian's containernetworking-plugins (.ci/setup does)"
+    );
+    let cni = root.join("usr/lib/cni");
+    if !cni.exists() {
+        std::fs::create_dir_all(cni.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(CNI_PLUGINS, cni).unwrap();
     }
 }
 
@@ -163,7 +175,39 @@ fn assert_joined(c: &Cluster, masters: &[&str], workers: &[&str]) {
     for n in masters.iter().chain(workers) {
         assert_all_done(c, n);
     }
-    assert_eq!(names(&items(c, &["nodes"])), workers, "the Nodes");
+    let nodes = items(c, &["nodes"]);
+    let mut all: Vec<String> = masters
+        .iter()
+        .chain(workers)
+        .map(|n| n.to_string())
+        .collect();
+    all.sort();
+    assert_eq!(names(&nodes), all, "every master and worker is a Node");
+    for node in &nodes {
+        let name = node["metadata"]["name"].as_str().unwrap();
+        let ready = node["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .unwrap();
+        assert_eq!(ready["status"], "True", "{name}: {ready:#}");
+        let master = masters.contains(&name);
+        let labelled = node["metadata"]["labels"][CONTROL_PLANE_LABEL].is_string();
+        let tainted = node["spec"]["taints"].as_array().is_some_and(|t| {
+            t.iter()
+                .any(|t| t["key"] == CONTROL_PLANE_LABEL && t["effect"] == "NoSchedule")
+        });
+        assert_eq!((labelled, tainted), (master, master), "{name}: {node:#}");
+        assert!(node["spec"]["podCIDR"].is_string(), "{name}: a pod CIDR");
+        let conflist = c.root(name).join("etc/cni/net.d/10-cluster-agent.conflist");
+        let conf: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
+        assert_eq!(
+            conf["plugins"][0]["ipam"]["ranges"][0][0]["subnet"], node["spec"]["podCIDR"],
+            "{name}: the CNI hands out the Node's range"
+        );
+    }
     let ca = c.root("cp-1").join("etc/kubernetes/pki/ca.crt");
     for w in workers {
         let cert = c
@@ -195,9 +239,44 @@ fn assert_joined(c: &Cluster, masters: &[&str], workers: &[&str]) {
         .into_iter()
         .filter(|csr| csr["spec"]["signerName"] == "kubernetes.io/kube-apiserver-client-kubelet")
         .collect();
+    // A master's kubelet starts with the agent's certificate and, rotation
+    // being on, at once trades it for one of its own (renewal as itself,
+    // auto-approved through the selfnodeclient binding), as kubeadm's do.
+    let mut requesters: Vec<String> = client_csrs
+        .iter()
+        .map(|csr| {
+            csr["spec"]["username"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    requesters.sort();
+    let expected: Vec<String> = masters
+        .iter()
+        .map(|m| format!("system:node:{m}"))
+        .chain(workers.iter().map(|_| "system:bootstrap".to_string()))
+        .collect();
+    assert_eq!(
+        requesters
+            .iter()
+            .map(|r| if r.starts_with("system:bootstrap:") {
+                "system:bootstrap".to_string()
+            } else {
+                r.clone()
+            })
+            .filter(|r| r.starts_with("system:node:"))
+            .collect::<Vec<_>>(),
+        expected
+            .iter()
+            .filter(|r| r.starts_with("system:node:"))
+            .cloned()
+            .collect::<Vec<_>>(),
+        "each master's kubelet renewed its agent-issued certificate once"
+    );
     assert_eq!(
         client_csrs.len(),
-        workers.len(),
+        masters.len() + workers.len(),
         "one client CSR per kubelet"
     );
     for csr in &client_csrs {
@@ -289,7 +368,12 @@ fn assert_kubeconfigs_work(c: &Cluster, masters: &[&str], workers: &[&str]) {
     for m in masters {
         let k = c.root(m).join("etc/kubernetes");
         uses.push((m, c.state_dir(m).join("admin.conf")));
-        for file in ["admin.conf", "controller-manager.conf", "scheduler.conf"] {
+        for file in [
+            "admin.conf",
+            "controller-manager.conf",
+            "scheduler.conf",
+            "kubelet.conf",
+        ] {
             uses.push((m, k.join(file)));
         }
     }
@@ -357,7 +441,7 @@ fn approver_holder(c: &Cluster) -> String {
 /// The kubelets' serving CSRs (real ones, with the node's hostname and
 /// address) are approved, once each, by one master's join service: the
 /// holder of the approver Lease.
-fn assert_serving_certificates_approved(c: &Cluster, workers: &[&str]) {
+fn assert_serving_certificates_approved(c: &Cluster, kubelets: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(90);
     let approved = loop {
         let serving: Vec<_> = items(c, &["csr"])
@@ -369,7 +453,7 @@ fn assert_serving_certificates_approved(c: &Cluster, workers: &[&str]) {
             .filter(|csr| csr["status"]["conditions"].is_array())
             .cloned()
             .collect();
-        if serving.len() == workers.len() && decided.len() == serving.len() {
+        if serving.len() == kubelets.len() && decided.len() == serving.len() {
             break decided;
         }
         assert!(Instant::now() < deadline, "serving CSRs: {serving:#?}");
@@ -381,6 +465,149 @@ fn assert_serving_certificates_approved(c: &Cluster, workers: &[&str]) {
         assert_eq!(conditions[0]["type"], "Approved", "{csr:#}");
     }
     assert!(MASTERS.contains(&approver_holder(c).as_str()));
+}
+
+/// `kubectl` as the admin, from cp-1, with `input` on stdin.
+fn kubectl_stdin(c: &Cluster, args: &[&str], input: &str) -> String {
+    use std::io::Write;
+    let mut child = c
+        .command_on("cp-1", built_binary("kubectl"))
+        .arg("--kubeconfig")
+        .arg(admin(c))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "kubectl {args:?}: {}", text(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A pod of the test image (no registry: imported, pull policy Never),
+/// on `node` when given, else wherever the scheduler puts it.
+fn pod_manifest(name: &str, node: Option<&str>, command: &[&str]) -> String {
+    let mut spec = serde_json::json!({
+        "containers": [{
+            "name": "main",
+            "image": support::oci::APP_IMAGE,
+            "imagePullPolicy": "Never",
+            "command": command,
+        }],
+        "terminationGracePeriodSeconds": 1,
+    });
+    if let Some(node) = node {
+        spec["nodeSelector"] = serde_json::json!({"kubernetes.io/hostname": node});
+    }
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec,
+    })
+    .to_string()
+}
+
+/// Real pods on the built-in network: an HTTP server on w-1 answers a
+/// client on w-2 by pod IP, routed (not translated) between the nodes by
+/// the agent's host-gateway routes; pods the scheduler places land on
+/// workers only (the masters' taint).
+fn assert_pods_talk_across_nodes(c: &Cluster) {
+    let work = tempfile::tempdir().unwrap();
+    for w in WORKERS {
+        support::oci::import_for_node(&c.root(w), &work.path().join(w));
+    }
+    let serve = "mkdir -p /www && echo hello from $(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www";
+    kubectl_stdin(
+        c,
+        &["apply", "-f", "-"],
+        &pod_manifest("server", Some("w-1"), &["/bin/sh", "-c", serve]),
+    );
+    kubectl_stdin(
+        c,
+        &["apply", "-f", "-"],
+        &pod_manifest("client", Some("w-2"), &support::oci::SLEEP_FOREVER),
+    );
+    for i in 0..3 {
+        kubectl_stdin(
+            c,
+            &["apply", "-f", "-"],
+            &pod_manifest(&format!("anywhere-{i}"), None, &support::oci::SLEEP_FOREVER),
+        );
+    }
+    let waited = c
+        .command_on("cp-1", built_binary("kubectl"))
+        .arg("--kubeconfig")
+        .arg(admin(c))
+        .args([
+            "wait",
+            "--for=condition=Ready",
+            "pod",
+            "--all",
+            "--timeout=180s",
+        ])
+        .output()
+        .unwrap();
+    if !waited.status.success() {
+        let pods = kubectl(c, "cp-1", &admin(c), &["get", "pods", "-o", "wide"]);
+        let events = kubectl(c, "cp-1", &admin(c), &["get", "events", "-A"]);
+        panic!("pods not Ready: {}\n{pods}\n{events}", text(&waited));
+    }
+    let pods = items(c, &["pods", "-n", "default"]);
+    let pod = |name: &str| {
+        pods.iter()
+            .find(|p| p["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+            .clone()
+    };
+    let server = pod("server");
+    assert_eq!(server["spec"]["nodeName"], "w-1");
+    assert_eq!(pod("client")["spec"]["nodeName"], "w-2");
+    let server_ip = server["status"]["podIP"].as_str().unwrap().to_string();
+    let w1: serde_json::Value = serde_json::from_str(&kubectl(
+        c,
+        "cp-1",
+        &admin(c),
+        &["get", "node", "w-1", "-o", "json"],
+    ))
+    .unwrap();
+    let w1_range: ipnet::Ipv4Net = w1["spec"]["podCIDR"].as_str().unwrap().parse().unwrap();
+    assert!(
+        w1_range.contains(&server_ip.parse::<std::net::Ipv4Addr>().unwrap()),
+        "the server's IP {server_ip} is from w-1's range {w1_range}"
+    );
+    for i in 0..3 {
+        let node = pod(&format!("anywhere-{i}"))["spec"]["nodeName"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(WORKERS.contains(&node.as_str()), "anywhere-{i} on {node}");
+    }
+    // busybox's wget: no -T (Debian's 1.35 segfaults with it).
+    let url = format!("http://{server_ip}:8080/");
+    let answer = kubectl(
+        c,
+        "cp-1",
+        &admin(c),
+        &["exec", "client", "--", "wget", "-q", "-O", "-", &url],
+    );
+    assert_eq!(answer.trim(), "hello from server", "{url}");
+    // Each worker's routes lead to the other nodes' pod ranges.
+    for w in WORKERS {
+        let routes = pod_routes(c, w);
+        assert_eq!(
+            routes.len(),
+            MASTERS.len() + WORKERS.len() - 1,
+            "{w}: {routes:?}"
+        );
+    }
 }
 
 #[test]
@@ -395,7 +622,9 @@ fn three_masters_and_two_workers_join_from_cold() {
         finish(node, child);
     }
     assert_joined(&c, &MASTERS, &WORKERS);
-    assert_serving_certificates_approved(&c, &WORKERS);
+    let kubelets: Vec<&str> = MASTERS.iter().chain(&WORKERS).copied().collect();
+    assert_serving_certificates_approved(&c, &kubelets);
+    assert_pods_talk_across_nodes(&c);
     assert_cluster_info_signed(&c);
     assert_kubeconfigs_work(&c, &MASTERS, &WORKERS);
     assert_bootstrap_token_scoped(&c, "w-1");
@@ -418,6 +647,102 @@ fn three_masters_and_two_workers_join_from_cold() {
     }
     assert_joined(&c, &MASTERS, &WORKERS);
     assert_eq!(names(&tokens(&c)), minted);
+    reset_worker_and_rejoin(&c, "w-2");
+}
+
+/// The agent's routes on `node` (proto 201), one line each.
+fn pod_routes(c: &Cluster, node: &str) -> Vec<String> {
+    let out = c
+        .command_on(node, "ip")
+        .args(["-4", "route", "show", "proto", "201"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A node may delete its own Node object only (RBAC grants `system:nodes`
+/// the verb, NodeRestriction narrows it). `reset` on a worker stops its
+/// pods and kubelet, deletes its Node with its own identity and removes its
+/// kubelet state, kubeconfigs, CNI config and routes; the other nodes drop
+/// their route to it; the next `run` joins again and is Ready.
+fn reset_worker_and_rejoin(c: &Cluster, worker: &str) {
+    let other = WORKERS.iter().find(|w| **w != worker).unwrap();
+    let own = c.root(other).join("etc/kubernetes/kubelet.conf");
+    let denied = c
+        .command_on(other, built_binary("kubectl"))
+        .arg("--kubeconfig")
+        .arg(&own)
+        .args(["delete", "node", "cp-1", "--wait=false"])
+        .output()
+        .unwrap();
+    assert!(
+        !denied.status.success() && text(&denied).contains("Forbidden"),
+        "{other} may not delete cp-1: {}",
+        text(&denied)
+    );
+    let routes_before = pod_routes(c, other).len();
+
+    let out = c.run(worker, &["reset", "--yes"]);
+    assert!(out.status.success(), "reset {worker}: {}", text(&out));
+    let said = text(&out);
+    for line in [
+        "done: stop kubelet.service",
+        "done: stop and remove every pod",
+        &format!("done: delete Node {worker}"),
+        "done: remove the routes to other nodes' pods",
+    ] {
+        assert!(said.contains(line), "{line}: {said}");
+    }
+    assert!(!names(&items(c, &["nodes"])).contains(&worker.to_string()));
+    for gone in [
+        "var/lib/kubelet",
+        "etc/kubernetes/kubelet.conf",
+        "etc/kubernetes/bootstrap-kubelet.conf",
+        "etc/cni/net.d/10-cluster-agent.conflist",
+        "var/lib/cni",
+    ] {
+        assert!(
+            !support::exists(&c.root(worker).join(gone)),
+            "{worker}: {gone} remains"
+        );
+    }
+    assert_eq!(pod_routes(c, worker), Vec::<String>::new());
+    wait_for(
+        &format!("{other} to drop its route to {worker}'s pods"),
+        || pod_routes(c, other).len() == routes_before - 1,
+    );
+
+    run_ok(c, worker);
+    assert_all_done(c, worker);
+    wait_for(
+        &format!("{other} to route to {worker}'s pods again"),
+        || pod_routes(c, other).len() == routes_before,
+    );
+    let node: serde_json::Value = serde_json::from_str(&kubectl(
+        c,
+        "cp-1",
+        &admin(c),
+        &["get", "node", worker, "-o", "json"],
+    ))
+    .unwrap();
+    let ready = node["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True");
+    assert!(ready, "{worker} Ready again: {node:#}");
 }
 
 /// After interrupted runs and re-runs: every step done, one Node, no
@@ -442,6 +767,9 @@ fn a_crash_at_every_kubernetes_step_converges() {
         "kube-apiserver-start",
         "controllers-start",
         "cluster-objects",
+        // The master's kubelet shares its steps with the worker's, crashed
+        // there; labelling is the master's own.
+        "node-role-label",
     ];
     let worker_steps = [
         "kubelet-binary",
@@ -449,6 +777,9 @@ fn a_crash_at_every_kubernetes_step_converges() {
         "kubelet-version-skew",
         "kubelet-config",
         "kubelet-start",
+        "pod-network",
+        "pod-routes",
+        "node-ready",
     ];
     let points: Vec<(&str, &str, &str)> = master_steps
         .iter()

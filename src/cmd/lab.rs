@@ -30,7 +30,11 @@ const MASTER_BINARIES: &[&str] = &[
     "kube-controller-manager",
     "kube-scheduler",
 ];
-const WORKER_BINARIES: &[&str] = &["containerd", "containerd-shim-runc-v2", "runc", "kubelet"];
+/// Every node runs a kubelet, masters too.
+const NODE_BINARIES: &[&str] = &["containerd", "containerd-shim-runc-v2", "runc", "kubelet"];
+/// Debian's CNI reference plugins (containernetworking-plugins), linked as
+/// each node's `/usr/lib/cni`.
+const CNI_PLUGIN_DIR: &str = "/usr/lib/cni";
 /// Debian's packages (runc) put theirs here, not in the build's directory.
 const HOST_BINARY_DIRS: &[&str] = &["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin"];
 const LAB_CLUSTER: &str = "lab";
@@ -171,12 +175,12 @@ pub fn built_bin_dir() -> PathBuf {
         .join("bin")
 }
 
-fn node_binaries(node: &LabNode) -> &'static [&'static str] {
+fn node_binaries(node: &LabNode) -> Vec<&'static str> {
+    let mut names = NODE_BINARIES.to_vec();
     if node.roles.iter().any(|r| r == "control-plane") {
-        MASTER_BINARIES
-    } else {
-        WORKER_BINARIES
+        names.extend(MASTER_BINARIES);
     }
+    names
 }
 
 /// `name` from the build's directory, else from the host's system dirs.
@@ -192,9 +196,15 @@ fn check_binaries(dir: &Path, nodes: &[LabNode]) -> Result<(), CliError> {
     let mut missing: Vec<&str> = nodes
         .iter()
         .flat_map(node_binaries)
-        .copied()
         .filter(|name| lab_binary(dir, name).is_none())
         .collect();
+    let plugins: Vec<PathBuf> = vec![PathBuf::from(CNI_PLUGIN_DIR)];
+    if !crate::podnet::missing_plugins(&plugins).is_empty() {
+        return Err(CliError::Usage(format!(
+            "the CNI reference plugins are not in {CNI_PLUGIN_DIR}: `sudo .ci/setup` installs \
+             Debian's containernetworking-plugins"
+        )));
+    }
     missing.sort_unstable();
     missing.dedup();
     if missing.is_empty() {
@@ -272,6 +282,10 @@ async fn up(args: &LabUpArgs) -> Result<i32, CliError> {
                 .and_then(|_| std::os::unix::fs::symlink(&found, bin.join(name)))
                 .map_err(|e| CliError::Failed(format!("linking {}: {e}", found.display())))?;
         }
+        let cni = paths.host(CNI_PLUGIN_DIR);
+        std::fs::create_dir_all(cni.parent().expect("under the root"))
+            .and_then(|_| std::os::unix::fs::symlink(CNI_PLUGIN_DIR, &cni))
+            .map_err(|e| CliError::Failed(format!("linking {}: {e}", cni.display())))?;
     }
     let record = LabRecord {
         netns: args.netns,
@@ -454,6 +468,19 @@ async fn down(dir: &Path) -> Result<i32, CliError> {
     for node in &record.nodes {
         let paths = node_paths(dir, &node.name);
         let services = crate::services::ProcessManager::new(paths.clone());
+        // Pods outlive containerd (KillMode=process): stop the kubelet so
+        // it does not restart them, then the pods, then the rest.
+        let kubelet = crate::phases::kubelet::UNIT;
+        if let Err(e) = services.stop(kubelet).await {
+            eprintln!("{}: stopping {kubelet}: {e}", node.name);
+        }
+        let socket = crate::containerd::cri_socket(&paths);
+        if socket.exists()
+            && let Err(e) =
+                crate::containerd::cri::remove_all_pods(&socket, Duration::from_secs(60)).await
+        {
+            eprintln!("{}: stopping pods: {e}", node.name);
+        }
         for unit in crate::services::agent_units(&paths)? {
             if let Err(e) = services.stop(&unit.name).await {
                 eprintln!("{}: stopping {}: {e}", node.name, unit.name);

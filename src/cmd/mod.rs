@@ -4,6 +4,7 @@
 mod gen_join_secret;
 pub mod lab;
 mod plan;
+mod pod_routes;
 mod render;
 mod reset;
 mod run;
@@ -97,6 +98,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::Reset(args) => reset::reset(global, &paths, args).await,
         Command::GenJoinSecret(args) => gen_join_secret::gen_join_secret(&paths, args),
         Command::ServeJoin(args) => serve_join::serve_join(global, &paths, args).await,
+        Command::PodRoutes => pod_routes::pod_routes(global, &paths).await,
         Command::Render(command) => render::render(global, &paths, command),
         Command::Lab(command) => lab::lab(command).await,
     };

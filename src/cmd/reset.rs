@@ -15,6 +15,7 @@ use crate::config::NodeRole;
 use crate::etcd::survey::{self, Survey};
 use crate::etcd::{EtcdClient, EtcdError, member_id_hex, topology};
 use crate::paths::HostPaths;
+use crate::phases::kubelet;
 use crate::phases::node::NETWORK_FILE;
 use crate::pki::{LeafKind, PkiPaths};
 use crate::services::{self, ServiceManager, Unit};
@@ -41,6 +42,17 @@ pub enum Action {
         id: String,
     },
     StopUnit(String),
+    /// Stop and remove every pod sandbox through the CRI (the kubelet is
+    /// stopped by then, so none comes back).
+    StopPods,
+    /// Delete this node's Node object with its kubelet's identity.
+    DeleteNode {
+        name: String,
+    },
+    /// Remove the agent's pod routes and the pods' egress NAT rule.
+    RemovePodNetwork {
+        pod_cidr: Option<ipnet::Ipv4Net>,
+    },
     /// Remove a `<target>.wants/` link (what enabling created).
     Disable(PathBuf),
     /// A file or a whole directory the agent created.
@@ -64,6 +76,15 @@ impl fmt::Display for Action {
                 )
             }
             Action::StopUnit(u) => write!(f, "stop {u}"),
+            Action::StopPods => f.write_str("stop and remove every pod through containerd's CRI"),
+            Action::DeleteNode { name } => write!(f, "delete Node {name} from Kubernetes"),
+            Action::RemovePodNetwork { pod_cidr } => match pod_cidr {
+                Some(cidr) => write!(
+                    f,
+                    "remove the routes to other nodes' pods and the egress NAT rule of {cidr}"
+                ),
+                None => f.write_str("remove the routes to other nodes' pods"),
+            },
             Action::Disable(link) => write!(f, "disable: remove {}", link.display()),
             Action::Remove(p) => write!(f, "remove {}", p.display()),
             Action::ReloadManager => f.write_str("reload the service manager"),
@@ -127,11 +148,36 @@ pub async fn plan(
     paths: &HostPaths,
     force: bool,
 ) -> Result<Vec<Action>, CliError> {
-    let mut actions = leave_etcd(global, paths, force).await?;
+    let units = services::agent_units(paths)?;
+    let has_kubelet = units.iter().any(|u| u.name == kubelet::UNIT);
+    let mut actions = Vec::new();
+    // The kubelet first, so that it neither restarts the pods stopped next
+    // nor registers its Node again once that is deleted.
+    if has_kubelet {
+        actions.push(Action::StopUnit(kubelet::UNIT.into()));
+    }
+    actions.extend(leave_kubernetes(global, paths, force, has_kubelet).await?);
+    actions.extend(leave_etcd(global, paths, force).await?);
     actions.extend(leave_ceph_monitor(global, paths, force).await?);
 
-    let units = services::agent_units(paths)?;
-    actions.extend(stop_order(&units).into_iter().map(Action::StopUnit));
+    actions.extend(
+        stop_order(&units)
+            .into_iter()
+            .filter(|u| u != kubelet::UNIT)
+            .map(Action::StopUnit),
+    );
+    // The route keeper is stopped by now: it would put them back.
+    let conflist = paths.host(crate::podnet::CONFLIST_FILE);
+    let pod_cidr = crate::phases::read_text(&conflist)
+        .ok()
+        .flatten()
+        .and_then(|t| crate::podnet::conflist_subnet(&t));
+    let has_routes = crate::podnet::installed_routes()
+        .await
+        .is_ok_and(|r| !r.is_empty());
+    if pod_cidr.is_some() || has_routes {
+        actions.push(Action::RemovePodNetwork { pod_cidr });
+    }
     for unit in &units {
         actions.extend(
             services::enable_links(paths, unit)
@@ -148,6 +194,22 @@ pub async fn plan(
     }
 
     let mut created = vec![topology::data_dir(paths), paths.host(NETWORK_FILE)];
+    // The kubelet's state, certificates and pod volumes (unmounted first),
+    // every kubeconfig the agent wrote, and the pod network's config and
+    // address leases: the next run joins again from scratch.
+    created.extend(
+        [
+            kubelet::ROOT_DIR,
+            kubelet::KUBECONFIG,
+            kubelet::BOOTSTRAP_KUBECONFIG,
+            crate::phases::control_plane::ADMIN_CONF,
+            crate::phases::control_plane::CONTROLLER_MANAGER_CONF,
+            crate::phases::control_plane::SCHEDULER_CONF,
+            crate::podnet::CONFLIST_FILE,
+            crate::podnet::IPAM_DIR,
+        ]
+        .map(|p| paths.host(p)),
+    );
     // containerd's images, snapshots and state and the config the
     // container-runtime phase wrote (its unit goes with the units above).
     // Containers still running would keep their mounts under these dirs:
@@ -192,6 +254,78 @@ pub async fn plan(
     );
     guard(paths, &actions)?;
     Ok(actions)
+}
+
+/// How long reset gives containerd to stop and remove the pods.
+const STOP_PODS_WAIT: Duration = Duration::from_secs(120);
+
+/// A Kubernetes node stops its pods and deletes its Node object, so the
+/// cluster forgets it until it joins again. The Node is deleted with the
+/// kubelet's own identity (RBAC lets `system:nodes` delete Nodes, and
+/// NodeRestriction only its own), through the API server its kubeconfig
+/// names: a worker's is the cluster endpoint, a master's its own API
+/// server, still running at that point. When the API does not answer,
+/// reset refuses without `--force`: the Node would stay behind, NotReady.
+async fn leave_kubernetes(
+    global: &GlobalArgs,
+    paths: &HostPaths,
+    force: bool,
+    has_kubelet: bool,
+) -> Result<Vec<Action>, CliError> {
+    let mut actions = Vec::new();
+    if has_kubelet && crate::containerd::cri_socket(paths).exists() {
+        actions.push(Action::StopPods);
+    }
+    let kubeconfig = paths.host(kubelet::KUBECONFIG);
+    if !kubeconfig.exists() {
+        return Ok(actions);
+    }
+    let config = match super::load_config(paths) {
+        Ok(c) => c,
+        Err(_) => return Ok(actions),
+    };
+    let (node, _) = super::target(global, paths, &config)?;
+    let asked = async {
+        let client =
+            crate::k8s::client_with_timeouts(&kubeconfig, SURVEY_BUDGET, SURVEY_BUDGET).await?;
+        crate::k8s::node::get_optional(&client, &node.name).await
+    };
+    match tokio::time::timeout(SURVEY_BUDGET * 2, asked).await {
+        Ok(Ok(Some(_))) => actions.push(Action::DeleteNode {
+            name: node.name.clone(),
+        }),
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => refuse_unless(
+            force,
+            format!(
+                "this node is Node {} in Kubernetes, but the API cannot be asked to delete it \
+                 ({})",
+                node.name,
+                crate::error_chain(&e)
+            ),
+        )?,
+        Err(_) => refuse_unless(
+            force,
+            format!(
+                "this node is Node {} in Kubernetes, but the API did not answer within {:?}",
+                node.name,
+                SURVEY_BUDGET * 2
+            ),
+        )?,
+    }
+    Ok(actions)
+}
+
+/// Refuses with `why`, or, with `--force`, warns and goes ahead.
+fn refuse_unless(force: bool, why: String) -> Result<(), CliError> {
+    if force {
+        eprintln!("cluster-agent: warning: {why}; going ahead (--force)");
+        Ok(())
+    } else {
+        Err(CliError::Failed(format!(
+            "{why}. Nothing was changed. Fix that first, or reset with --force"
+        )))
+    }
 }
 
 /// The Ceph counterpart of [`leave_etcd`]: a node with a monitor store
@@ -453,6 +587,68 @@ async fn execute(
             }
             Ok(())
         }
+        Action::StopPods => {
+            let socket = crate::containerd::cri_socket(paths);
+            match crate::containerd::cri::remove_all_pods(&socket, STOP_PODS_WAIT).await {
+                Ok(n) => {
+                    tracing::info!("{n} pods stopped and removed");
+                    Ok(())
+                }
+                // containerd is down: its pods went with it, or are kept
+                // by shims that the next containerd start cleans up.
+                Err(e @ crate::containerd::CriError::Connect { .. }) => {
+                    eprintln!("cluster-agent: warning: {e}; no pods stopped");
+                    Ok(())
+                }
+                Err(e) if force => {
+                    eprintln!("cluster-agent: warning: {e}; going ahead (--force)");
+                    Ok(())
+                }
+                Err(e) => Err(CliError::Failed(format!(
+                    "cannot stop the pods: {e}; run reset again, or with --force"
+                ))),
+            }
+        }
+        Action::DeleteNode { name } => {
+            let result = async {
+                let client =
+                    crate::k8s::client_from_kubeconfig(&paths.host(kubelet::KUBECONFIG)).await?;
+                crate::k8s::node::delete(&client, name).await
+            }
+            .await
+            .map_err(|e| {
+                CliError::Failed(format!(
+                    "cannot delete Node {name}: {}",
+                    crate::error_chain(&e)
+                ))
+            });
+            match result {
+                Err(e) if force => {
+                    eprintln!("cluster-agent: warning: {e}; going ahead (--force)");
+                    Ok(())
+                }
+                other => other,
+            }
+        }
+        Action::RemovePodNetwork { pod_cidr } => {
+            let result = async {
+                crate::podnet::reconcile(&[]).await?;
+                if let Some(cidr) = pod_cidr
+                    && let Ok(config) = super::load_config(paths)
+                {
+                    crate::podnet::remove_masquerade(*cidr, config.cluster.networking.pod_cidr)
+                        .await?;
+                }
+                Ok::<_, crate::podnet::PodNetError>(())
+            }
+            .await;
+            result.map_err(|e| {
+                CliError::Failed(format!(
+                    "cannot remove the pod network: {}",
+                    crate::error_chain(&e)
+                ))
+            })
+        }
         Action::ReloadManager => {
             if let Some(m) = manager {
                 m.daemon_reload().await?;
@@ -499,7 +695,10 @@ async fn remove_member(paths: &HostPaths, member: u64, via: &str) -> Result<(), 
 
 fn remove_path(p: &Path) -> Result<(), CliError> {
     let result = match p.symlink_metadata() {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+        // The kubelet's dir holds pod volumes mounted below it.
+        Ok(m) if m.is_dir() => {
+            crate::fsutil::unmount_under(p).and_then(|_| std::fs::remove_dir_all(p))
+        }
         Ok(_) => std::fs::remove_file(p),
         Err(e) => Err(e),
     };

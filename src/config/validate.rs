@@ -127,6 +127,7 @@ pub fn validate(
     let settings = raw_cluster.map(|c| v.cluster(c));
     v.control_plane_count(&nodes, &nodes_loc);
     if let Some(settings) = &settings {
+        v.pod_cidr_room(settings, &nodes, &nodes_loc);
         v.ceph_consistency(raw_cluster, settings.ceph.as_ref(), &nodes);
     }
 
@@ -146,6 +147,10 @@ pub fn validate(
     })
 }
 
+/// The prefix of each Node's pod range: the controller-manager's default
+/// `--node-cidr-mask-size` for IPv4, which the agent does not change.
+const NODE_CIDR_MASK: u8 = 24;
+
 /// Cluster settings before the endpoint default (which needs the nodes).
 struct PartialSettings {
     name: Option<String>,
@@ -156,6 +161,8 @@ struct PartialSettings {
     etcd: EtcdSettings,
     containerd: ContainerdSettings,
     ceph: Option<CephNetworks>,
+    /// Where pod_cidr was set; `None` for the default.
+    pod_cidr_loc: Option<Loc>,
 }
 
 impl PartialSettings {
@@ -390,7 +397,7 @@ impl Validator<'_> {
             default_service,
             |v| values::cidr(&v.text),
         );
-        self.no_overlap(pod_cidr, pod_loc, service_cidr, service_loc);
+        self.no_overlap(pod_cidr, pod_loc.clone(), service_cidr, service_loc);
         let (dns_domain, _) = self.setting(
             net.and_then(|n| n.dns_domain.as_ref()),
             DEFAULT_DNS_DOMAIN.to_owned(),
@@ -488,7 +495,42 @@ impl Validator<'_> {
             },
             containerd: ContainerdSettings { sandbox_image },
             ceph,
+            pod_cidr_loc: pod_loc,
         }
+    }
+
+    /// The controller-manager gives every Node a /24 of the pod CIDR
+    /// (`--node-cidr-mask-size`, 24 for IPv4); a node without one never
+    /// gets a pod network and stays NotReady.
+    fn pod_cidr_room(&mut self, settings: &PartialSettings, nodes: &[NodeInput], nodes_loc: &Loc) {
+        let kubelets = nodes
+            .iter()
+            .filter(|n| {
+                let roles = n.role_set();
+                roles.contains(&NodeRole::ControlPlane) || roles.contains(&NodeRole::Worker)
+            })
+            .count();
+        let cidr = settings.networking.pod_cidr;
+        let room = 1u64 << NODE_CIDR_MASK.saturating_sub(cidr.prefix_len());
+        let fits = cidr.prefix_len() <= NODE_CIDR_MASK && room >= kubelets as u64;
+        if fits {
+            return;
+        }
+        let needed = NODE_CIDR_MASK - (kubelets as u64).next_power_of_two().trailing_zeros() as u8;
+        let message = format!(
+            "{cidr} has room for {} node range(s) of /{NODE_CIDR_MASK}, but {kubelets} nodes run a \
+             kubelet and each gets one: use a /{needed} or larger",
+            if cidr.prefix_len() <= NODE_CIDR_MASK {
+                room
+            } else {
+                0
+            },
+        );
+        let loc = settings
+            .pod_cidr_loc
+            .clone()
+            .unwrap_or_else(|| nodes_loc.clone());
+        self.error(&loc, message);
     }
 
     /// Pod and service traffic are routed differently; shared addresses

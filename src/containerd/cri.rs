@@ -1,8 +1,11 @@
-//! The CRI `RuntimeService/Version` call over containerd's unix socket: the
-//! same question the kubelet's `PreInitRuntimeService` asks before it does
-//! anything else, so "it answers" means "a kubelet can start".
+//! The CRI calls the agent makes over containerd's unix socket: `Version`,
+//! the same question the kubelet's `PreInitRuntimeService` asks before it
+//! does anything else, so "it answers" means "a kubelet can start"; and
+//! listing, stopping and removing pod sandboxes, which `reset` does once
+//! the kubelet is stopped (containerd's `KillMode=process` leaves the pods
+//! running when containerd itself stops).
 //!
-//! The two messages are written by hand from `k8s.io/cri-api`'s
+//! The messages are written by hand from `k8s.io/cri-api`'s
 //! `runtime/v1/api.proto` (tags as there), so there is no build script and
 //! no protoc step for one call.
 
@@ -13,6 +16,9 @@ use tonic::codegen::http::uri::PathAndQuery;
 
 /// The gRPC method, as `api.proto` names it (`package runtime.v1`).
 pub const VERSION_METHOD: &str = "/runtime.v1.RuntimeService/Version";
+pub const LIST_PODS_METHOD: &str = "/runtime.v1.RuntimeService/ListPodSandbox";
+pub const STOP_POD_METHOD: &str = "/runtime.v1.RuntimeService/StopPodSandbox";
+pub const REMOVE_POD_METHOD: &str = "/runtime.v1.RuntimeService/RemovePodSandbox";
 /// The CRI version this client speaks, as the kubelet sends it.
 pub const CRI_API_VERSION: &str = "v1";
 
@@ -37,6 +43,37 @@ pub struct VersionResponse {
     pub runtime_api_version: String,
 }
 
+/// `message ListPodSandboxRequest { PodSandboxFilter filter = 1; }`, sent
+/// without a filter: every sandbox.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListPodSandboxRequest {}
+
+/// `message ListPodSandboxResponse { repeated PodSandbox items = 1; }`
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListPodSandboxResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub items: Vec<PodSandbox>,
+}
+
+/// `message PodSandbox { string id = 1; … }`: only the id is read.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandbox {
+    #[prost(string, tag = "1")]
+    pub id: String,
+}
+
+/// `StopPodSandboxRequest` and `RemovePodSandboxRequest`, both
+/// `{ string pod_sandbox_id = 1; }`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PodSandboxIdRequest {
+    #[prost(string, tag = "1")]
+    pub pod_sandbox_id: String,
+}
+
+/// The empty `StopPodSandboxResponse` / `RemovePodSandboxResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Empty {}
+
 /// What the runtime says it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeVersion {
@@ -58,9 +95,10 @@ pub enum CriError {
     },
     /// containerd answers, but not as a CRI runtime (the CRI plugin is
     /// disabled or failed to load: `Unimplemented`), or refuses the call.
-    #[error("CRI Version on {} failed: {} ({:?})", socket.display(), status.message(), status.code())]
+    #[error("CRI {method} on {} failed: {} ({:?})", socket.display(), status.message(), status.code())]
     Call {
         socket: PathBuf,
+        method: &'static str,
         status: Box<tonic::Status>,
     },
     #[error("no CRI answer on {} within {timeout:?}", socket.display())]
@@ -71,7 +109,53 @@ pub enum CriError {
 /// (connect and call together): a down runtime never stalls a step or
 /// `status`.
 pub async fn version(socket: &Path, timeout: Duration) -> Result<RuntimeVersion, CriError> {
-    match tokio::time::timeout(timeout, call(socket)).await {
+    let response: VersionResponse = within(socket, timeout, async {
+        let mut grpc = connect(socket).await?;
+        let request = VersionRequest {
+            version: CRI_API_VERSION.into(),
+        };
+        unary(&mut grpc, socket, VERSION_METHOD, request).await
+    })
+    .await?;
+    Ok(RuntimeVersion {
+        runtime_name: response.runtime_name,
+        runtime_version: response.runtime_version,
+        runtime_api_version: response.runtime_api_version,
+    })
+}
+
+/// Stops and removes every pod sandbox (their containers, and through CNI
+/// their network, go with them); how many there were. `timeout` bounds
+/// the whole job.
+pub async fn remove_all_pods(socket: &Path, timeout: Duration) -> Result<usize, CriError> {
+    within(socket, timeout, async {
+        let mut grpc = connect(socket).await?;
+        let list: ListPodSandboxResponse = unary(
+            &mut grpc,
+            socket,
+            LIST_PODS_METHOD,
+            ListPodSandboxRequest {},
+        )
+        .await?;
+        for pod in &list.items {
+            for method in [STOP_POD_METHOD, REMOVE_POD_METHOD] {
+                let request = PodSandboxIdRequest {
+                    pod_sandbox_id: pod.id.clone(),
+                };
+                let _: Empty = unary(&mut grpc, socket, method, request).await?;
+            }
+        }
+        Ok(list.items.len())
+    })
+    .await
+}
+
+async fn within<T>(
+    socket: &Path,
+    timeout: Duration,
+    job: impl std::future::Future<Output = Result<T, CriError>>,
+) -> Result<T, CriError> {
+    match tokio::time::timeout(timeout, job).await {
         Ok(result) => result,
         Err(_) => Err(CriError::Timeout {
             socket: socket.to_path_buf(),
@@ -80,7 +164,9 @@ pub async fn version(socket: &Path, timeout: Duration) -> Result<RuntimeVersion,
     }
 }
 
-async fn call(socket: &Path) -> Result<RuntimeVersion, CriError> {
+type Grpc = tonic::client::Grpc<tonic::transport::Channel>;
+
+async fn connect(socket: &Path) -> Result<Grpc, CriError> {
     let connect = |source| CriError::Connect {
         socket: socket.to_path_buf(),
         source,
@@ -92,31 +178,37 @@ async fn call(socket: &Path) -> Result<RuntimeVersion, CriError> {
         .connect()
         .await
         .map_err(connect)?;
+    Ok(tonic::client::Grpc::new(channel))
+}
+
+async fn unary<Req, Resp>(
+    grpc: &mut Grpc,
+    socket: &Path,
+    method: &'static str,
+    request: Req,
+) -> Result<Resp, CriError>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + Sync + 'static,
+{
     let failed = |status: tonic::Status| CriError::Call {
         socket: socket.to_path_buf(),
+        method,
         status: Box::new(status),
     };
-    let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready()
         .await
         .map_err(|e| failed(tonic::Status::unavailable(e.to_string())))?;
-    let codec = tonic_prost::ProstCodec::<VersionRequest, VersionResponse>::default();
-    let response = grpc
+    let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
+    Ok(grpc
         .unary(
-            tonic::Request::new(VersionRequest {
-                version: CRI_API_VERSION.into(),
-            }),
-            PathAndQuery::from_static(VERSION_METHOD),
+            tonic::Request::new(request),
+            PathAndQuery::from_static(method),
             codec,
         )
         .await
         .map_err(failed)?
-        .into_inner();
-    Ok(RuntimeVersion {
-        runtime_name: response.runtime_name,
-        runtime_version: response.runtime_version,
-        runtime_api_version: response.runtime_api_version,
-    })
+        .into_inner())
 }
 
 #[cfg(test)]

@@ -113,6 +113,32 @@ pub fn cgroup_driver(paths: &HostPaths) -> CgroupDriver {
     }
 }
 
+/// The cgroup under which the kubelet puts its pods (`cgroupRoot`), when
+/// it is not the machine's root cgroup: a node under a `--root` other than
+/// `/` shares the machine with other nodes (tests, `lab`), and kubelets
+/// that share `/kubepods` remove each other's pods as orphans. A real
+/// node (`--root /`) keeps the kubelet's default.
+pub fn pod_cgroup_root(paths: &HostPaths, node: &str) -> Option<String> {
+    (paths.root() != Path::new("/")).then(|| format!("/cluster-agent/{node}"))
+}
+
+/// Creates `cgroup` (a path like `/cluster-agent/w-1`) in every cgroup
+/// hierarchy mounted on this machine: the kubelet refuses a `cgroupRoot`
+/// that does not exist in each one it uses.
+pub fn ensure_cgroup(cgroup: &str) -> std::io::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    for line in mounts.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(_), Some(dir), Some(kind)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        if kind == "cgroup" || kind == "cgroup2" {
+            std::fs::create_dir_all(Path::new(dir).join(cgroup.trim_start_matches('/')))?;
+        }
+    }
+    Ok(())
+}
+
 /// How containerd stores image layers and container root file systems.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Snapshotter {
@@ -216,6 +242,14 @@ pub struct ConfigInputs {
     pub sandbox_image: String,
     /// `linux/amd64`: the platform images are unpacked for.
     pub platform: String,
+    /// The agent (and so containerd) lacks `CAP_SYS_RESOURCE`: the kubelet
+    /// asks for OOM scores below containerd's own (-998 for sandboxes),
+    /// which only that capability may set, and runc then fails every
+    /// container with "write /proc/self/oom_score_adj: permission denied".
+    /// That is the case inside a container or a sandbox that drops the
+    /// capability (a CI runner, this project's build machines); containerd
+    /// then clamps the scores to its own instead.
+    pub restrict_oom_score_adj: bool,
 }
 
 impl ConfigInputs {
@@ -240,8 +274,26 @@ impl ConfigInputs {
             snapshotter: snapshotter(paths)?,
             sandbox_image: config.cluster.containerd.sandbox_image.to_string(),
             platform: platform(),
+            restrict_oom_score_adj: !has_effective_capability(
+                &std::fs::read_to_string("/proc/self/status")?,
+                CAP_SYS_RESOURCE,
+            ),
         })
     }
+}
+
+/// `CAP_SYS_RESOURCE` from `<linux/capability.h>`.
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Whether `/proc/<pid>/status` text shows capability `bit` in `CapEff`.
+/// Unreadable text counts as not having it: clamping scores is the safe
+/// side (containers still run; only their OOM ranking is coarser).
+fn has_effective_capability(status: &str, bit: u32) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << bit) != 0)
 }
 
 /// containerd's name for this machine's platform (Go's GOOS/GOARCH).
@@ -345,6 +397,10 @@ pub fn render_config(i: &ConfigInputs) -> String {
     line(String::new());
     line(format!("[{cri_runtime}]"));
     line(format!("  cdi_spec_dirs = {}", toml_paths(&i.cdi_dirs)));
+    line(format!(
+        "  restrict_oom_score_adj = {}",
+        i.restrict_oom_score_adj
+    ));
     line(String::new());
     line(format!("[{cri_runtime}.containerd]"));
     line("  default_runtime_name = \"runc\"".into());
@@ -402,7 +458,22 @@ mod tests {
             snapshotter: Snapshotter::Overlayfs,
             sandbox_image: "registry.k8s.io/pause:3.10.1".into(),
             platform: "linux/amd64".into(),
+            restrict_oom_score_adj: false,
         }
+    }
+
+    #[test]
+    fn oom_scores_are_clamped_without_cap_sys_resource() {
+        // This build machine's bounding set: everything but bit 24.
+        let without = "Name:\tx\nCapEff:\t000001fffeffffff\nCapBnd:\t000001fffeffffff\n";
+        let with = "CapEff:\t000001ffffffffff\n";
+        assert!(!has_effective_capability(without, CAP_SYS_RESOURCE));
+        assert!(has_effective_capability(with, CAP_SYS_RESOURCE));
+        assert!(!has_effective_capability("garbage", CAP_SYS_RESOURCE));
+        let mut i = inputs(Path::new("/r"));
+        assert!(render_config(&i).contains("restrict_oom_score_adj = false\n"));
+        i.restrict_oom_score_adj = true;
+        assert!(render_config(&i).contains("restrict_oom_score_adj = true\n"));
     }
 
     #[test]

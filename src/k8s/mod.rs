@@ -20,6 +20,7 @@ use kube::api::{Api, ListParams, PostParams};
 use time::OffsetDateTime;
 
 pub mod approver;
+pub mod node;
 
 pub const BOOTSTRAP_TOKEN_TYPE: &str = "bootstrap.kubernetes.io/token";
 /// The group kubeadm's node tokens put bootstrapping kubelets in; the RBAC

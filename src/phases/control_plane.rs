@@ -28,6 +28,8 @@ pub const CONTROLLER_MANAGER: &str = "kube-controller-manager";
 pub const SCHEDULER: &str = "kube-scheduler";
 pub const COMPONENTS: [&str; 3] = [APISERVER, CONTROLLER_MANAGER, SCHEDULER];
 pub const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
+pub const CONTROLLER_MANAGER_CONF: &str = "/etc/kubernetes/controller-manager.conf";
+pub const SCHEDULER_CONF: &str = "/etc/kubernetes/scheduler.conf";
 /// The operator's copy of admin.conf, in the state dir.
 pub const OPERATOR_KUBECONFIG: &str = "admin.conf";
 const READY_WAIT: Duration = Duration::from_secs(300);
@@ -75,8 +77,9 @@ fn etcd_server(config: &ClusterConfig, node: &NodeSpec) -> String {
 fn kubeconfig_path(paths: &HostPaths, client: ClientCert) -> PathBuf {
     paths.host(match client {
         ClientCert::Admin => ADMIN_CONF,
-        ClientCert::ControllerManager => "/etc/kubernetes/controller-manager.conf",
-        ClientCert::Scheduler => "/etc/kubernetes/scheduler.conf",
+        ClientCert::ControllerManager => CONTROLLER_MANAGER_CONF,
+        ClientCert::Scheduler => SCHEDULER_CONF,
+        ClientCert::Kubelet => super::kubelet::KUBECONFIG,
     })
 }
 
@@ -339,10 +342,12 @@ fn kubeconfigs(ctx: &Context) -> Result<Vec<(PathBuf, String)>, StepError> {
             ClientCert::Admin => endpoint_server(&ctx.config),
             _ => local_server(&ctx.config, &ctx.node),
         };
+        let node_user = format!("system:node:{}", ctx.node.name);
         let user = match client {
             ClientCert::Admin => "kubernetes-admin",
             ClientCert::ControllerManager => "system:kube-controller-manager",
             ClientCert::Scheduler => "system:kube-scheduler",
+            ClientCert::Kubelet => &node_user,
         };
         let text = k8s::render_kubeconfig(
             &ctx.config.cluster.name,
@@ -370,7 +375,7 @@ impl Step for Kubeconfigs {
         "control-plane-kubeconfigs"
     }
     fn summary(&self) -> &'static str {
-        "write admin.conf, controller-manager.conf, scheduler.conf (0600) and the operator's admin.conf in the state dir"
+        "write admin.conf, controller-manager.conf, scheduler.conf, the master kubelet's kubelet.conf (0600) and the operator's admin.conf in the state dir"
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
         for (path, text) in kubeconfigs(ctx)? {
@@ -501,7 +506,7 @@ impl Step for ClusterObjects {
         "cluster-objects"
     }
     fn summary(&self) -> &'static str {
-        "create the TLS-bootstrap RBAC bindings and kube-public/cluster-info (kept when present)"
+        "create the TLS-bootstrap RBAC bindings, the node agents' Node access and kube-public/cluster-info (kept when present)"
     }
     async fn check(&self, _ctx: &Context) -> Result<bool, StepError> {
         // Create-or-keep is itself idempotent and cheap.
@@ -525,6 +530,7 @@ impl Step for ClusterObjects {
             || async {
                 let result = async {
                     k8s::ensure_tls_bootstrap_rbac(&client).await?;
+                    k8s::node::ensure_node_agent_rbac(&client).await?;
                     k8s::ensure_cluster_info(&client, &info).await
                 }
                 .await;

@@ -39,6 +39,20 @@ pub fn phase() -> Phase {
 pub fn render_unit(paths: &HostPaths, node: &NodeSpec, agent: &Path) -> Unit {
     let mut unit = services::parse_unit(UNIT_NAME, SHIPPED_UNIT, Path::new(UNIT_NAME))
         .expect("systemd/cluster-join.service is covered by tests/systemd_units.rs");
+    unit.service.exec_start = agent_command(paths, node, agent, "serve-join");
+    unit
+}
+
+/// `agent [--root R] [--config-dir C] [--state-dir S] --node NAME
+/// <subcommand>`: how a unit runs the agent itself, against the same paths
+/// as the run that installs it (the defaults are left out, so a real
+/// node's command line is the shipped one).
+pub fn agent_command(
+    paths: &HostPaths,
+    node: &NodeSpec,
+    agent: &Path,
+    subcommand: &str,
+) -> Vec<String> {
     let mut argv = vec![agent.to_string_lossy().into_owned()];
     let mut flag = |name: &str, value: &Path, default: &str| {
         if value != Path::new(default) {
@@ -49,12 +63,12 @@ pub fn render_unit(paths: &HostPaths, node: &NodeSpec, agent: &Path) -> Unit {
     flag("--root", paths.root(), "/");
     flag("--config-dir", paths.config_dir(), DEFAULT_CONFIG_DIR);
     flag("--state-dir", paths.state_dir(), DEFAULT_STATE_DIR);
-    argv.extend(["--node".into(), node.name.clone(), "serve-join".into()]);
-    unit.service.exec_start = argv;
-    unit
+    argv.extend(["--node".into(), node.name.clone(), subcommand.into()]);
+    argv
 }
 
-fn agent_path() -> Result<std::path::PathBuf, StepError> {
+/// This agent's own binary, for the units that run it.
+pub fn agent_path() -> Result<std::path::PathBuf, StepError> {
     std::env::current_exe().map_err(|e| {
         StepError::Precondition(format!(
             "cannot tell where this cluster-agent binary is: {e}"

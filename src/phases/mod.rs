@@ -6,8 +6,8 @@ pub mod container_runtime;
 pub mod control_plane;
 pub mod etcd;
 pub mod join_service;
+pub mod kubelet;
 pub mod node;
-pub mod worker;
 
 use crate::config::{ClusterConfig, NodeSpec};
 use crate::engine::Plan;
@@ -39,17 +39,19 @@ pub fn build(role: Role, ceph_role: CephRole) -> Plan {
     // The runtime first: a kubelet exits when no CRI answers.
     if runs_kubelet(role) {
         phases.push(container_runtime::phase());
-    }
-    if role == Role::Worker {
-        phases.push(worker::phase());
+        phases.push(kubelet::phase(role));
     }
     Plan { phases }
 }
 
-/// Nodes whose plan has a kubelet, and so a container runtime before it.
-/// Workers today; masters join when their plan gets a kubelet.
+/// Nodes whose plan has a kubelet, and so a container runtime before it:
+/// every Kubernetes node, masters included (kubeadm's masters are Nodes
+/// too, tainted so that ordinary pods stay off).
 pub fn runs_kubelet(role: Role) -> bool {
-    role == Role::Worker
+    matches!(
+        role,
+        Role::MasterFirst | Role::MasterAdditional | Role::Worker
+    )
 }
 
 /// Every unit file the phases install on `node`, rendered as on its first
@@ -64,9 +66,12 @@ pub fn rendered_units(paths: &HostPaths, config: &ClusterConfig, node: &NodeSpec
     }
     if runs_kubelet(role) {
         units.push(container_runtime::render_unit(paths));
-    }
-    if role == Role::Worker {
-        units.push(worker::render_kubelet_unit(paths, node));
+        units.push(kubelet::render_kubelet_unit(paths, node));
+        units.push(kubelet::render_routes_unit(
+            paths,
+            node,
+            std::path::Path::new(join_service::IMAGE_AGENT),
+        ));
     }
     if node.has_role(crate::config::NodeRole::CephMon) {
         units.push(ceph::render_unit(paths, node));

@@ -67,10 +67,12 @@ pub enum LeafKind {
     Admin,
     ControllerManager,
     Scheduler,
+    /// The master's kubelet, as `system:node:<name>`.
+    Kubelet,
 }
 
 impl LeafKind {
-    pub const ALL: [LeafKind; 10] = [
+    pub const ALL: [LeafKind; 11] = [
         LeafKind::ApiServer,
         LeafKind::ApiServerKubeletClient,
         LeafKind::ApiServerEtcdClient,
@@ -81,6 +83,7 @@ impl LeafKind {
         LeafKind::Admin,
         LeafKind::ControllerManager,
         LeafKind::Scheduler,
+        LeafKind::Kubelet,
     ];
 
     /// Path of the cert/key pair relative to the PKI dir, without extension.
@@ -96,6 +99,7 @@ impl LeafKind {
             LeafKind::Admin => "clients/admin",
             LeafKind::ControllerManager => "clients/controller-manager",
             LeafKind::Scheduler => "clients/scheduler",
+            LeafKind::Kubelet => "clients/kubelet",
         }
     }
 
@@ -105,7 +109,8 @@ impl LeafKind {
             | LeafKind::ApiServerKubeletClient
             | LeafKind::Admin
             | LeafKind::ControllerManager
-            | LeafKind::Scheduler => CaKind::Cluster,
+            | LeafKind::Scheduler
+            | LeafKind::Kubelet => CaKind::Cluster,
             LeafKind::FrontProxyClient => CaKind::FrontProxy,
             LeafKind::ApiServerEtcdClient
             | LeafKind::EtcdServer
@@ -127,13 +132,15 @@ pub enum ClientCert {
     Admin,
     ControllerManager,
     Scheduler,
+    Kubelet,
 }
 
 impl ClientCert {
-    pub const ALL: [ClientCert; 3] = [
+    pub const ALL: [ClientCert; 4] = [
         ClientCert::Admin,
         ClientCert::ControllerManager,
         ClientCert::Scheduler,
+        ClientCert::Kubelet,
     ];
 
     pub fn leaf(self) -> LeafKind {
@@ -141,6 +148,7 @@ impl ClientCert {
             ClientCert::Admin => LeafKind::Admin,
             ClientCert::ControllerManager => LeafKind::ControllerManager,
             ClientCert::Scheduler => LeafKind::Scheduler,
+            ClientCert::Kubelet => LeafKind::Kubelet,
         }
     }
 }

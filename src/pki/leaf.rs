@@ -23,6 +23,8 @@ use crate::paths::HostPaths;
 /// only has rights through a ClusterRoleBinding kubeadm creates; we do not run
 /// kubeadm, so the built-in group is the one that works from the first boot.
 pub const MASTERS_GROUP: &str = "system:masters";
+/// Every kubelet's group.
+pub const NODES_GROUP: &str = "system:nodes";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReissueReason {
@@ -156,6 +158,9 @@ pub(crate) fn profile(
         LeafKind::Admin => client("kubernetes-admin", Some(MASTERS_GROUP)),
         LeafKind::ControllerManager => client("system:kube-controller-manager", None),
         LeafKind::Scheduler => client("system:kube-scheduler", None),
+        // What the Node authorizer and NodeRestriction know a kubelet by;
+        // the name is the one the kubelet registers (--hostname-override).
+        LeafKind::Kubelet => client(&format!("system:node:{}", node.name), Some(NODES_GROUP)),
         LeafKind::EtcdServer => {
             let mut sans = node_sans();
             if etcd_listens_on_loopback {

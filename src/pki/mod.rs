@@ -30,7 +30,7 @@ pub use ca::{CaBundle, CaItem, CaOutcome, CaReport};
 pub use cert::San;
 pub use error::PkiError;
 pub use layout::{CaKind, CertKeyPaths, ClientCert, LeafKind, PKI_DIR, PkiPaths};
-pub use leaf::{LeafOutcome, LeafReport, MASTERS_GROUP, ReissueReason};
+pub use leaf::{LeafOutcome, LeafReport, MASTERS_GROUP, NODES_GROUP, ReissueReason};
 
 use crate::config::{ClusterConfig, NodeSpec};
 use crate::paths::HostPaths;

@@ -276,6 +276,8 @@ fn fresh_node_gets_kubeadm_layout_and_modes() {
         "clients/controller-manager.key",
         "clients/scheduler.crt",
         "clients/scheduler.key",
+        "clients/kubelet.crt",
+        "clients/kubelet.key",
     ]
     .into_iter()
     .map(PathBuf::from)
@@ -429,6 +431,7 @@ fn client_subjects_are_what_rbac_expects() {
             "CN=system:kube-controller-manager",
         ),
         (LeafKind::Scheduler, "CN=system:kube-scheduler"),
+        (LeafKind::Kubelet, "CN=system:node:m1,O=system:nodes"),
         (
             LeafKind::ApiServerKubeletClient,
             "CN=kube-apiserver-kubelet-client,O=system:masters",

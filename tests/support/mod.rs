@@ -300,14 +300,29 @@ impl Cluster {
         };
         for entry in entries.flatten() {
             if entry.path().extension().is_some_and(|e| e == "pid") {
-                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-                if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
-                    let _ = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
+                kill_pid_file(&entry.path());
             }
+        }
+    }
+
+    /// Pods outlive containerd and its shims' parents: stop the kubelet
+    /// (it would restart them), then remove every pod through the CRI.
+    fn stop_pods(&self, node: &str) {
+        let root = self.root(node);
+        kill_pid_file(&root.join("run/cluster-agent/kubelet.service.pid"));
+        let socket = root.join("run/containerd/containerd.sock");
+        if !socket.exists() {
+            return;
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        if let Err(e) = runtime.block_on(cluster_agent::containerd::cri::remove_all_pods(
+            &socket,
+            std::time::Duration::from_secs(30),
+        )) {
+            eprintln!("{node}: pods not removed: {e}");
         }
     }
 }
@@ -411,8 +426,22 @@ impl Cluster {
     }
 }
 
+/// SIGKILLs the process group a process backend pid file names.
+fn kill_pid_file(path: &Path) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
+        for node in &self.nodes {
+            self.stop_pods(&node.name);
+        }
         for node in &self.nodes {
             self.kill_daemons(&node.name);
         }

@@ -362,42 +362,60 @@ async fn container_runtime_check(probe: &Probe) -> Section {
     }
 }
 
-/// Nodes as the API server sees them, only where an admin kubeconfig
-/// exists (the control-plane phase writes it).
+/// Nodes as the API server sees them, with the Ready condition's reason
+/// for those that are not: through the admin kubeconfig on a master, else
+/// with the kubelet's identity (which may list Nodes, for the route
+/// keeper).
 async fn kubernetes_check(probe: &Probe) -> Section {
+    use crate::k8s::node::Readiness;
     const NAME: &str = "kubernetes";
-    let path = probe.paths.host(crate::phases::control_plane::ADMIN_CONF);
-    if !path.exists() {
+    let admin = probe.paths.host(crate::phases::control_plane::ADMIN_CONF);
+    let kubelet = probe.paths.host(crate::phases::kubelet::KUBECONFIG);
+    let Some(path) = [admin, kubelet].into_iter().find(|p| p.exists()) else {
         return Section::new(
             NAME,
             Health::NotConfigured,
-            format!("no admin kubeconfig at {}", path.display()),
+            "no admin or kubelet kubeconfig on this node",
         );
-    }
+    };
+    let me = probe.node.as_ref().map(|n| n.name.as_str());
     match kube_nodes(&path).await {
         Ok(nodes) => {
-            let ready = nodes.iter().filter(|(_, r)| *r).count();
-            let mut section = Section::new(
-                NAME,
-                if ready == nodes.len() {
-                    Health::Ok
-                } else {
-                    Health::Warning
-                },
-                format!("{ready} of {} nodes Ready", nodes.len()),
-            );
+            let ready = nodes.iter().filter(|(_, r)| *r == Readiness::Ready).count();
+            let mine = nodes.iter().find(|(n, _)| Some(n.as_str()) == me);
+            let health = match mine {
+                Some((_, Readiness::NotReady(_))) => Health::Failed,
+                _ if ready == nodes.len() => Health::Ok,
+                _ => Health::Warning,
+            };
+            let mut summary = format!("{ready} of {} nodes Ready", nodes.len());
+            if let (Some(me), None) = (me, mine)
+                && path.ends_with("kubelet.conf")
+            {
+                summary.push_str(&format!("; no Node {me}"));
+            }
+            let mut section = Section::new(NAME, health, summary);
             section.lines = nodes
                 .iter()
-                .map(|(n, r)| format!("{n:<12} {}", if *r { "Ready" } else { "NotReady" }))
+                .map(|(n, r)| match r {
+                    Readiness::Ready => format!("{n:<12} Ready"),
+                    Readiness::NotReady(why) => format!("{n:<12} NotReady: {why}"),
+                })
                 .collect();
-            section.data = json!({"nodes": nodes.iter().map(|(n, r)| json!({"name": n, "ready": r})).collect::<Vec<_>>()});
+            section.data = json!({"nodes": nodes.iter().map(|(n, r)| json!({
+                "name": n,
+                "ready": *r == Readiness::Ready,
+                "reason": match r { Readiness::NotReady(why) => Some(why), Readiness::Ready => None },
+            })).collect::<Vec<_>>()});
             section
         }
         Err(e) => Section::new(NAME, Health::Failed, format!("{}: {e}", path.display())),
     }
 }
 
-async fn kube_nodes(kubeconfig: &std::path::Path) -> Result<Vec<(String, bool)>, String> {
+async fn kube_nodes(
+    kubeconfig: &std::path::Path,
+) -> Result<Vec<(String, crate::k8s::node::Readiness)>, String> {
     use k8s_openapi::api::core::v1::Node;
     let client = crate::k8s::client_with_timeouts(
         kubeconfig,
@@ -412,15 +430,12 @@ async fn kube_nodes(kubeconfig: &std::path::Path) -> Result<Vec<(String, bool)>,
         .map_err(|e| e.to_string())?;
     Ok(list
         .items
-        .into_iter()
+        .iter()
         .map(|n| {
-            let ready = n
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            (n.metadata.name.unwrap_or_default(), ready)
+            (
+                n.metadata.name.clone().unwrap_or_default(),
+                crate::k8s::node::readiness(n),
+            )
         })
         .collect())
 }
