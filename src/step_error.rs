@@ -37,6 +37,8 @@ pub enum StepError {
     Ceph(#[from] crate::ceph::CephError),
     #[error(transparent)]
     K8s(#[from] crate::k8s::K8sError),
+    #[error(transparent)]
+    Manifests(#[from] crate::phases::addons::ManifestFailures),
     #[error("D-Bus call {call} failed: {source}")]
     Dbus {
         call: &'static str,

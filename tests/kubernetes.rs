@@ -35,7 +35,26 @@ const MASTER_BINARIES: [&str; 4] = [
     "kube-controller-manager",
     "kube-scheduler",
 ];
-const NODE_BINARIES: [&str; 3] = ["containerd", "containerd-shim-runc-v2", "kubelet"];
+const NODE_BINARIES: [&str; 4] = [
+    "containerd",
+    "containerd-shim-runc-v2",
+    "kubelet",
+    "kube-proxy",
+];
+/// A worker's steps that apply on a fresh join (the binary checks find
+/// their binaries and apply nothing), in the order it runs them.
+const WORKER_STEPS: [&str; 10] = [
+    "worker-join-material",
+    "kubelet-version-skew",
+    "kubelet-config",
+    "kubelet-start",
+    "pod-network",
+    "pod-routes",
+    "node-ready",
+    "kube-proxy-credentials",
+    "kube-proxy-config",
+    "kube-proxy-start",
+];
 /// Debian's CNI reference plugins (containernetworking-plugins).
 const CNI_PLUGINS: &str = "/usr/lib/cni";
 const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane";
@@ -152,13 +171,31 @@ fn tokens(c: &Cluster) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Every step done; on a loopback node, kube-proxy's skipped (nodes that
+/// share the host's network share its iptables).
 fn assert_all_done(c: &Cluster, node: &str) {
-    let outcome = journal_outcome(&c.journal(node));
+    let journal = c.journal(node);
+    let outcome = journal_outcome(&journal);
+    let shares_host_network = c.netns(node).is_none();
     let not_done: Vec<_> = outcome
         .iter()
-        .filter(|(s, st)| st != "done" && s != "network-apply")
+        .filter(|(s, st)| {
+            let kube_proxy_skipped =
+                shares_host_network && s.starts_with("kube-proxy-") && st == "skipped";
+            st != "done" && s != "network-apply" && !kube_proxy_skipped
+        })
         .collect();
     assert!(not_done.is_empty(), "{node}: {not_done:?}");
+    if shares_host_network {
+        let note = journal["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "kube-proxy-binary")
+            .map(|s| s["note"].to_string())
+            .unwrap_or_default();
+        assert!(note.contains("runs no kube-proxy"), "{node}: {note}");
+    }
 }
 
 fn b64(value: &serde_json::Value) -> Vec<u8> {
@@ -509,7 +546,7 @@ fn pod_manifest(name: &str, node: Option<&str>, command: &[&str]) -> String {
     serde_json::json!({
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default"},
+        "metadata": {"name": name, "namespace": "default", "labels": {"app": name}},
         "spec": spec,
     })
     .to_string()
@@ -610,6 +647,186 @@ fn assert_pods_talk_across_nodes(c: &Cluster) {
     }
 }
 
+/// `iptables-save` in `node`'s network.
+fn iptables_rules(c: &Cluster, node: &str) -> String {
+    let out = c.command_on(node, "iptables-save").output().unwrap();
+    assert!(out.status.success(), "{node}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A ClusterIP Service for the server pod answers through kube-proxy: from
+/// the client pod on the other worker, and from the hosts of a worker and
+/// a master (a master's kube-proxy runs on the certificate the agent
+/// issued, a worker's on one it asked for with a CSR the join service's
+/// approver granted).
+fn assert_service_answers_across_nodes(c: &Cluster) {
+    let service = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "server", "namespace": "default"},
+        "spec": {"selector": {"app": "server"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    });
+    kubectl_stdin(c, &["apply", "-f", "-"], &service.to_string());
+    let cluster_ip = kubectl(
+        c,
+        "cp-1",
+        &admin(c),
+        &[
+            "get",
+            "service",
+            "server",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ],
+    );
+    for node in ["w-2", "cp-2"] {
+        wait_for(
+            &format!("kube-proxy on {node} to write default/server's rules"),
+            || iptables_rules(c, node).contains("default/server"),
+        );
+    }
+    let url = format!("http://{cluster_ip}/");
+    let from_pod = kubectl(
+        c,
+        "cp-1",
+        &admin(c),
+        &["exec", "client", "--", "wget", "-q", "-O", "-", &url],
+    );
+    assert_eq!(from_pod.trim(), "hello from server", "{url} from a pod");
+    let busybox = support::require_tool("busybox", "busybox-static");
+    for node in ["w-2", "cp-2"] {
+        let out = c
+            .command_on(node, &busybox)
+            .args(["wget", "-q", "-O", "-", &url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{url} from {node}: {}", text(&out));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "hello from server"
+        );
+    }
+    let requests: Vec<_> = items(c, &["csr"])
+        .into_iter()
+        .filter(|csr| csr["spec"]["signerName"] == "kubernetes.io/kube-apiserver-client")
+        .collect();
+    for w in WORKERS {
+        let own: Vec<_> = requests
+            .iter()
+            .filter(|r| r["spec"]["username"] == format!("system:node:{w}"))
+            .collect();
+        assert_eq!(own.len(), 1, "{w}: one kube-proxy CSR: {own:#?}");
+        let approved = own[0]["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Approved" && c["reason"] == "ClusterAgentApproved");
+        assert!(approved, "{w}: {:#}", own[0]);
+        assert!(own[0]["status"]["certificate"].is_string(), "{w}: signed");
+    }
+    assert!(
+        requests.iter().all(|r| r["spec"]["username"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("system:node:w-"))),
+        "masters ask for no kube-proxy certificate: {requests:#?}"
+    );
+}
+
+/// `metadata` of a ConfigMap, as the admin sees it.
+fn config_map(c: &Cluster, namespace: &str, name: &str) -> serde_json::Value {
+    serde_json::from_str(&kubectl(
+        c,
+        "cp-1",
+        &admin(c),
+        &["get", "configmap", name, "-n", namespace, "-o", "json"],
+    ))
+    .unwrap()
+}
+
+/// Add-on manifests in an additional master's config dir: applied with
+/// server-side apply by that master, a broken file and a refused object
+/// reported by file, object and the API's reason while the rest is
+/// applied; a changed manifest applied again, an unchanged one not.
+fn assert_manifests_applied(c: &Cluster, master: &str) {
+    let dir = c.config_dir(master).join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let settings = |level: u32| {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: addons-test\n---\n\
+             apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: addons-test\n\
+             data:\n  level: \"{level}\"\n"
+        )
+    };
+    std::fs::write(dir.join("settings.yaml"), settings(1)).unwrap();
+    std::fs::write(
+        dir.join("broken.yaml"),
+        "kind: ConfigMap\n metadata: [unclosed\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("refused.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: Not_A_Name\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("README.md"), "not a manifest").unwrap();
+
+    let out = c.run(master, &["run"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    for line in [
+        "2 add-on manifest object(s) not applied",
+        "broken.yaml: not YAML",
+        "refused.yaml: ConfigMap Not_A_Name: the API server refused it (422 Invalid)",
+    ] {
+        assert!(said.contains(line), "{line}: {said}");
+    }
+    let applied = config_map(c, "addons-test", "settings");
+    assert_eq!(applied["data"]["level"], "1");
+    let managers: Vec<_> = applied["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            format!(
+                "{}/{}",
+                f["manager"].as_str().unwrap(),
+                f["operation"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(managers, ["cluster-agent/Apply"]);
+
+    std::fs::remove_file(dir.join("broken.yaml")).unwrap();
+    std::fs::remove_file(dir.join("refused.yaml")).unwrap();
+    std::fs::write(dir.join("settings.yaml"), settings(2)).unwrap();
+    run_ok(c, master);
+    assert_eq!(
+        config_map(c, "addons-test", "settings")["data"]["level"],
+        "2"
+    );
+    // An unchanged manifest is not sent again: an operator's edit of the
+    // object stays until the manifest itself changes.
+    kubectl(
+        c,
+        "cp-1",
+        &admin(c),
+        &[
+            "patch",
+            "configmap",
+            "settings",
+            "-n",
+            "addons-test",
+            "-p",
+            r#"{"data":{"level":"3"}}"#,
+        ],
+    );
+    run_ok(c, master);
+    assert_eq!(
+        config_map(c, "addons-test", "settings")["data"]["level"],
+        "3"
+    );
+}
+
 #[test]
 fn three_masters_and_two_workers_join_from_cold() {
     let c = rack();
@@ -625,6 +842,7 @@ fn three_masters_and_two_workers_join_from_cold() {
     let kubelets: Vec<&str> = MASTERS.iter().chain(&WORKERS).copied().collect();
     assert_serving_certificates_approved(&c, &kubelets);
     assert_pods_talk_across_nodes(&c);
+    assert_service_answers_across_nodes(&c);
     assert_cluster_info_signed(&c);
     assert_kubeconfigs_work(&c, &MASTERS, &WORKERS);
     assert_bootstrap_token_scoped(&c, "w-1");
@@ -647,6 +865,7 @@ fn three_masters_and_two_workers_join_from_cold() {
     }
     assert_joined(&c, &MASTERS, &WORKERS);
     assert_eq!(names(&tokens(&c)), minted);
+    assert_manifests_applied(&c, "cp-2");
     reset_worker_and_rejoin(&c, "w-2");
 }
 
@@ -701,6 +920,8 @@ fn reset_worker_and_rejoin(c: &Cluster, worker: &str) {
         "done: stop kubelet.service",
         "done: stop and remove every pod",
         &format!("done: delete Node {worker}"),
+        "done: stop kube-proxy.service",
+        "done: remove kube-proxy's Service rules",
         "done: remove the routes to other nodes' pods",
     ] {
         assert!(said.contains(line), "{line}: {said}");
@@ -712,6 +933,8 @@ fn reset_worker_and_rejoin(c: &Cluster, worker: &str) {
         "etc/kubernetes/bootstrap-kubelet.conf",
         "etc/cni/net.d/10-cluster-agent.conflist",
         "var/lib/cni",
+        "etc/kubernetes/kube-proxy.conf",
+        "var/lib/kube-proxy",
     ] {
         assert!(
             !support::exists(&c.root(worker).join(gone)),
@@ -719,11 +942,28 @@ fn reset_worker_and_rejoin(c: &Cluster, worker: &str) {
         );
     }
     assert_eq!(pod_routes(c, worker), Vec::<String>::new());
+    assert!(
+        !iptables_rules(c, worker).contains("KUBE-SERVICES"),
+        "{worker}: kube-proxy's rules remain"
+    );
     wait_for(
         &format!("{other} to drop its route to {worker}'s pods"),
         || pod_routes(c, other).len() == routes_before - 1,
     );
 
+    // The rejoin crashes right after each of its steps in turn, every run
+    // resuming where the last stopped, before one run finishes it.
+    for step in WORKER_STEPS {
+        let out = spawn_run(c, worker, Some(&format!("{step}:after")))
+            .wait_with_output()
+            .unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&out.status),
+            Some(6),
+            "{worker} {step}:after: {}",
+            text(&out)
+        );
+    }
     run_ok(c, worker);
     assert_all_done(c, worker);
     wait_for(

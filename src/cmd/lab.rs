@@ -31,7 +31,13 @@ const MASTER_BINARIES: &[&str] = &[
     "kube-scheduler",
 ];
 /// Every node runs a kubelet, masters too.
-const NODE_BINARIES: &[&str] = &["containerd", "containerd-shim-runc-v2", "runc", "kubelet"];
+const NODE_BINARIES: &[&str] = &[
+    "containerd",
+    "containerd-shim-runc-v2",
+    "runc",
+    "kubelet",
+    "kube-proxy",
+];
 /// Debian's CNI reference plugins (containernetworking-plugins), linked as
 /// each node's `/usr/lib/cni`.
 const CNI_PLUGIN_DIR: &str = "/usr/lib/cni";
@@ -161,6 +167,10 @@ fn create_network(nodes: &[LabNode]) -> Result<(), CliError> {
         ])?;
         ip_cmd(&["-n", &ns, "link", "set", "eth0", "up"])?;
         ip_cmd(&["-n", &ns, "link", "set", "lo", "up"])?;
+        // A node's own traffic to a ClusterIP is routed before kube-proxy's
+        // DNAT rewrites it, so the Service range needs a route: a default
+        // one, as every real node has.
+        ip_cmd(&["-n", &ns, "route", "add", "default", "dev", "eth0"])?;
     }
     Ok(())
 }

@@ -15,8 +15,8 @@ use crate::config::NodeRole;
 use crate::etcd::survey::{self, Survey};
 use crate::etcd::{EtcdClient, EtcdError, member_id_hex, topology};
 use crate::paths::HostPaths;
-use crate::phases::kubelet;
 use crate::phases::node::NETWORK_FILE;
+use crate::phases::{kube_proxy, kubelet};
 use crate::pki::{LeafKind, PkiPaths};
 use crate::services::{self, ServiceManager, Unit};
 use crate::state::{LOCK_FILE, StateStore};
@@ -49,6 +49,10 @@ pub enum Action {
     DeleteNode {
         name: String,
     },
+    /// `kube-proxy --cleanup`: the Service rules kube-proxy left behind.
+    RemoveServiceRules {
+        kube_proxy: PathBuf,
+    },
     /// Remove the agent's pod routes and the pods' egress NAT rule.
     RemovePodNetwork {
         pod_cidr: Option<ipnet::Ipv4Net>,
@@ -78,6 +82,7 @@ impl fmt::Display for Action {
             Action::StopUnit(u) => write!(f, "stop {u}"),
             Action::StopPods => f.write_str("stop and remove every pod through containerd's CRI"),
             Action::DeleteNode { name } => write!(f, "delete Node {name} from Kubernetes"),
+            Action::RemoveServiceRules { .. } => f.write_str("remove kube-proxy's Service rules"),
             Action::RemovePodNetwork { pod_cidr } => match pod_cidr {
                 Some(cidr) => write!(
                     f,
@@ -166,6 +171,12 @@ pub async fn plan(
             .filter(|u| u != kubelet::UNIT)
             .map(Action::StopUnit),
     );
+    // kube-proxy is stopped by now: it would write them again.
+    if units.iter().any(|u| u.name == kube_proxy::UNIT)
+        && let Some(binary) = paths.find_binary(kube_proxy::KUBE_PROXY)
+    {
+        actions.push(Action::RemoveServiceRules { kube_proxy: binary });
+    }
     // The route keeper is stopped by now: it would put them back.
     let conflist = paths.host(crate::podnet::CONFLIST_FILE);
     let pod_cidr = crate::phases::read_text(&conflist)
@@ -210,6 +221,7 @@ pub async fn plan(
         ]
         .map(|p| paths.host(p)),
     );
+    created.extend(kube_proxy::created_paths().map(|p| paths.host(p)));
     // containerd's images, snapshots and state and the config the
     // container-runtime phase wrote (its unit goes with the units above).
     // Containers still running would keep their mounts under these dirs:
@@ -628,6 +640,27 @@ async fn execute(
                     Ok(())
                 }
                 other => other,
+            }
+        }
+        Action::RemoveServiceRules { kube_proxy } => {
+            let output = kube_proxy::cleanup_command(kube_proxy)
+                .output()
+                .await
+                .map_err(|e| {
+                    CliError::Failed(format!(
+                        "cannot run {} --cleanup: {e}",
+                        kube_proxy.display()
+                    ))
+                })?;
+            if output.status.success() || force {
+                Ok(())
+            } else {
+                Err(CliError::Failed(format!(
+                    "{} --cleanup failed ({}): {}; run reset again, or with --force",
+                    kube_proxy.display(),
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                )))
             }
         }
         Action::RemovePodNetwork { pod_cidr } => {

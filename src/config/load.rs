@@ -10,7 +10,7 @@ use super::diagnostics::Diagnostic;
 use super::raw;
 use super::tree::{self, Pos};
 use super::validate::{self, Findings};
-use super::{CLUSTER_FILE, ClusterConfig, NODES_DIR, ValidationReport};
+use super::{CLUSTER_FILE, ClusterConfig, MANIFESTS_DIR, NODES_DIR, ValidationReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -27,7 +27,7 @@ pub enum ConfigError {
     },
 }
 
-/// The content of one node file.
+/// The content of one file of the config dir.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceFile {
     /// Relative to the config dir, e.g. `nodes/cp-2.yaml`; the file stem
@@ -42,6 +42,8 @@ pub struct Sources {
     pub cluster_yaml: Vec<u8>,
     /// `nodes/*.yaml`, sorted by name.
     pub node_files: Vec<SourceFile>,
+    /// `manifests/*.yaml`, sorted by name: the add-ons masters apply.
+    pub manifests: Vec<SourceFile>,
 }
 
 /// Reads `config_dir/cluster.yaml` and `config_dir/nodes/*.yaml` (`*.yml`
@@ -51,16 +53,35 @@ pub fn read_sources(config_dir: &Path) -> Result<Sources, ConfigError> {
     let read =
         |path: PathBuf| std::fs::read(&path).map_err(|source| ConfigError::Io { path, source });
     let cluster_yaml = read(config_dir.join(CLUSTER_FILE))?;
-    let mut node_files = Vec::new();
-    for name in node_file_names(config_dir)? {
-        let path = Path::new(NODES_DIR).join(&name);
-        let bytes = read(config_dir.join(&path))?;
-        node_files.push(SourceFile { path, bytes });
-    }
     Ok(Sources {
         cluster_yaml,
-        node_files,
+        node_files: read_yaml_files(config_dir, NODES_DIR)?,
+        manifests: read_manifests(config_dir)?,
     })
+}
+
+/// `config_dir/manifests/*.yaml` (`*.yml` too), sorted by name; none when
+/// the directory does not exist.
+pub fn read_manifests(config_dir: &Path) -> Result<Vec<SourceFile>, ConfigError> {
+    read_yaml_files(config_dir, MANIFESTS_DIR)
+}
+
+fn read_yaml_files(config_dir: &Path, subdir: &str) -> Result<Vec<SourceFile>, ConfigError> {
+    yaml_file_names(&config_dir.join(subdir))?
+        .into_iter()
+        .map(|name| {
+            let path = Path::new(subdir).join(&name);
+            std::fs::read(config_dir.join(&path))
+                .map(|bytes| SourceFile {
+                    path: path.clone(),
+                    bytes,
+                })
+                .map_err(|source| ConfigError::Io {
+                    path: config_dir.join(&path),
+                    source,
+                })
+        })
+        .collect()
 }
 
 /// Reads and validates `config_dir/cluster.yaml` and `config_dir/nodes/*.yaml`
@@ -77,13 +98,12 @@ pub fn load(config_dir: &Path) -> Result<ClusterConfig, ConfigError> {
 
 /// YAML files directly in nodes/, sorted so that results do not depend on
 /// directory order. A missing nodes/ is the same as an empty one.
-fn node_file_names(config_dir: &Path) -> Result<Vec<String>, ConfigError> {
-    let dir = config_dir.join(NODES_DIR);
+fn yaml_file_names(dir: &Path) -> Result<Vec<String>, ConfigError> {
     let io = |source| ConfigError::Io {
-        path: dir.clone(),
+        path: dir.to_path_buf(),
         source,
     };
-    let entries = match std::fs::read_dir(&dir) {
+    let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(io(e)),

@@ -21,12 +21,15 @@ use ipnet::Ipv4Net;
 
 pub use diagnostics::{Diagnostic, Severity, ValidationReport};
 pub use load::{
-    ConfigError, SourceFile, Sources, load, parse_cluster_yaml, parse_sources, read_sources,
+    ConfigError, SourceFile, Sources, load, parse_cluster_yaml, parse_sources, read_manifests,
+    read_sources,
 };
 
 /// File names inside the config directory.
 pub const CLUSTER_FILE: &str = "cluster.yaml";
 pub const NODES_DIR: &str = "nodes";
+/// Add-on manifests the masters apply (`phases::addons`).
+pub const MANIFESTS_DIR: &str = "manifests";
 pub const IDENTITY_FILE: &str = "node-identity";
 pub const JOIN_SECRET_FILE: &str = "secrets/join-secret";
 

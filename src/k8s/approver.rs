@@ -1,8 +1,11 @@
-//! Serving-certificate approval. Kubernetes never auto-approves
-//! `kubernetes.io/kubelet-serving` CSRs (their SANs are whatever the
-//! kubelet claims); operators install extra controllers for it. The join
-//! service approves exactly those whose requester is a node listed in
-//! cluster.yaml asking for its own name and address, and denies the rest
+//! Certificate approval for what Kubernetes never auto-approves.
+//! `kubernetes.io/kubelet-serving` CSRs carry whatever SANs the kubelet
+//! claims, so operators install extra controllers for them; and a node's
+//! kube-proxy asks for its `system:kube-proxy` client certificate with
+//! `kubernetes.io/kube-apiserver-client`, which nothing approves at all.
+//! The join service approves exactly those whose requester is a node
+//! listed in cluster.yaml asking for its own name and address, or for
+//! kube-proxy's bare identity, and denies what a node asks beyond that,
 //! with the reason. One approver acts at a time across the masters: the
 //! holder of a `coordination.k8s.io` Lease.
 
@@ -19,7 +22,9 @@ use kube::api::{Api, ListParams, PostParams};
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer;
 
+use super::csr::CLIENT_SIGNER;
 use crate::config::ClusterConfig;
+use crate::pki::KUBE_PROXY_USER;
 
 pub const SERVING_SIGNER: &str = "kubernetes.io/kubelet-serving";
 pub const LEASE_NAME: &str = "cluster-agent-serving-csr-approver";
@@ -40,7 +45,8 @@ pub enum Decision {
 
 /// What the approver decides for one CSR.
 pub fn decide(csr: &CertificateSigningRequest, config: &ClusterConfig) -> Decision {
-    if csr.spec.signer_name != SERVING_SIGNER {
+    let signer = csr.spec.signer_name.as_str();
+    if signer != SERVING_SIGNER && signer != CLIENT_SIGNER {
         return Decision::Ignore;
     }
     let decided = csr
@@ -57,6 +63,11 @@ pub fn decide(csr: &CertificateSigningRequest, config: &ClusterConfig) -> Decisi
     let username = csr.spec.username.as_deref().unwrap_or_default();
     let groups = csr.spec.groups.clone().unwrap_or_default();
     let Some(node_name) = username.strip_prefix("system:node:") else {
+        // Client certificates for anyone but a node are the operator's
+        // (`kubectl certificate approve`), not ours to refuse.
+        if signer == CLIENT_SIGNER {
+            return Decision::Ignore;
+        }
         return Decision::Deny(format!("requested by {username:?}, not by a node"));
     };
     if !groups.iter().any(|g| g == "system:nodes") {
@@ -69,6 +80,15 @@ pub fn decide(csr: &CertificateSigningRequest, config: &ClusterConfig) -> Decisi
         Ok(r) => r,
         Err(e) => return Decision::Deny(format!("unreadable CSR: {e}")),
     };
+    if signer == CLIENT_SIGNER {
+        kube_proxy_client(&request, csr.spec.usages.as_deref().unwrap_or_default())
+    } else {
+        serving(&request, username, node)
+    }
+}
+
+/// A node's kubelet serving certificate: the node's own names only.
+fn serving(request: &Request, username: &str, node: &crate::config::NodeSpec) -> Decision {
     if request.common_name.as_deref() != Some(username) || request.organizations != ["system:nodes"]
     {
         return Decision::Deny(format!(
@@ -98,6 +118,30 @@ pub fn decide(csr: &CertificateSigningRequest, config: &ClusterConfig) -> Decisi
     }
     if request.dns.is_empty() && request.ips.is_empty() {
         return Decision::Deny("no SANs".into());
+    }
+    Decision::Approve
+}
+
+/// A client certificate a node asks for: kube-proxy's identity, with no
+/// group (a group would be a way into `system:masters`), no SANs, and
+/// client authentication only.
+fn kube_proxy_client(request: &Request, usages: &[String]) -> Decision {
+    if request.common_name.as_deref() != Some(KUBE_PROXY_USER) || !request.organizations.is_empty()
+    {
+        return Decision::Deny(format!(
+            "a node may ask only for CN={KUBE_PROXY_USER} with no organization (got CN={:?}, O={:?})",
+            request.common_name, request.organizations
+        ));
+    }
+    if request.other_sans || !request.dns.is_empty() || !request.ips.is_empty() {
+        return Decision::Deny("a client certificate carries no SANs".into());
+    }
+    let allowed = ["digital signature", "key encipherment", "client auth"];
+    if let Some(usage) = usages.iter().find(|u| !allowed.contains(&u.as_str())) {
+        return Decision::Deny(format!("usage {usage:?} is not for a client certificate"));
+    }
+    if !usages.iter().any(|u| u == "client auth") {
+        return Decision::Deny("usages lack \"client auth\"".into());
     }
     Decision::Approve
 }
@@ -229,15 +273,15 @@ async fn decide_pending(
         let verdict = match decide(&csr, config) {
             Decision::Ignore => continue,
             Decision::Approve => {
-                tracing::info!(csr = %name, "approving kubelet serving certificate");
+                tracing::info!(csr = %name, signer = %csr.spec.signer_name, "approving certificate request");
                 condition(
                     "Approved",
                     "ClusterAgentApproved",
-                    "node and SANs match cluster.yaml".into(),
+                    "a node listed in cluster.yaml asking for what it may have".into(),
                 )
             }
             Decision::Deny(why) => {
-                tracing::warn!(csr = %name, "denying kubelet serving certificate: {why}");
+                tracing::warn!(csr = %name, signer = %csr.spec.signer_name, "denying certificate request: {why}");
                 condition("Denied", "ClusterAgentDenied", why)
             }
         };
@@ -263,7 +307,7 @@ pub async fn run(client: kube::Client, config: Arc<ClusterConfig>, holder: Strin
         match hold_lease(&leases, &holder).await {
             Ok(true) => {
                 if let Err(e) = decide_pending(&csrs, &config).await {
-                    tracing::warn!("serving CSR approval: {e}");
+                    tracing::warn!("CSR approval: {e}");
                 }
             }
             Ok(false) => {}
@@ -294,7 +338,10 @@ mod tests {
     /// and groups from the requester's credentials).
     fn csr(user: &str, groups: &[&str], cn: &str, sans: &[&str]) -> CertificateSigningRequest {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let pem = node_csr_pem(&key, cn, sans);
+        with_request(user, groups, node_csr_pem(&key, cn, sans))
+    }
+
+    fn with_request(user: &str, groups: &[&str], pem: String) -> CertificateSigningRequest {
         CertificateSigningRequest {
             metadata: Default::default(),
             spec: CertificateSigningRequestSpec {
@@ -367,5 +414,54 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(decide(&decided, &c), Decision::Ignore);
+    }
+
+    /// A client CSR as `user` sends it for kube-proxy.
+    fn client_csr(user: &str, cn: &str, usages: &[&str]) -> CertificateSigningRequest {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, pem) = crate::pki::client_request(&dir.path().join("client.key"), cn).unwrap();
+        let mut csr = with_request(user, NODES, pem);
+        csr.spec.signer_name = CLIENT_SIGNER.into();
+        csr.spec.usages = Some(usages.iter().map(|u| u.to_string()).collect());
+        csr
+    }
+
+    #[test]
+    fn approves_a_listed_node_asking_for_kube_proxys_identity_and_nothing_more() {
+        let c = config();
+        let w1 = "system:node:w-1";
+        let usages = crate::k8s::csr::CLIENT_USAGES;
+        assert_eq!(
+            decide(&client_csr(w1, KUBE_PROXY_USER, &usages), &c),
+            Decision::Approve
+        );
+        let cases = [
+            (
+                client_csr(w1, "kubernetes-admin", &usages),
+                "may ask only for",
+            ),
+            (
+                client_csr(w1, KUBE_PROXY_USER, &["client auth", "server auth"]),
+                "\"server auth\" is not for a client",
+            ),
+            (
+                client_csr(w1, KUBE_PROXY_USER, &["digital signature"]),
+                "lack \"client auth\"",
+            ),
+            (
+                client_csr("system:node:ghost", KUBE_PROXY_USER, &usages),
+                "not listed",
+            ),
+        ];
+        for (request, why) in cases {
+            match decide(&request, &c) {
+                Decision::Deny(reason) => assert!(reason.contains(why), "{reason} lacks {why}"),
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+        // Anyone else's client CSRs wait for the operator.
+        let mut admin = client_csr(w1, KUBE_PROXY_USER, &usages);
+        admin.spec.username = Some("kubernetes-admin".into());
+        assert_eq!(decide(&admin, &c), Decision::Ignore);
     }
 }

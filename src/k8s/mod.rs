@@ -19,7 +19,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, PostParams};
 use time::OffsetDateTime;
 
+pub mod apply;
 pub mod approver;
+pub mod csr;
 pub mod node;
 
 pub const BOOTSTRAP_TOKEN_TYPE: &str = "bootstrap.kubernetes.io/token";
@@ -118,6 +120,11 @@ fn pinned(ca_pem: &str) -> Result<reqwest::Client, String> {
     for cert in certs {
         roots.add(cert).map_err(|e| e.to_string())?;
     }
+    trusting(roots)
+}
+
+/// A client trusting `roots` alone (none: plain HTTP only).
+fn trusting(roots: rustls::RootCertStore) -> Result<reqwest::Client, String> {
     let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -141,8 +148,26 @@ pub async fn readyz(server: &str, ca_pem: &str) -> Result<(), K8sError> {
         reason,
     };
     let client = pinned(ca_pem).map_err(fail)?;
+    answers_success(&client, &url).await
+}
+
+/// `GET url` over plain HTTP answers 2xx: the health endpoints node
+/// daemons (kube-proxy's `/healthz`) serve without TLS.
+pub async fn http_ok(url: &str) -> Result<(), K8sError> {
+    let client = trusting(rustls::RootCertStore::empty()).map_err(|reason| K8sError::Probe {
+        url: url.to_string(),
+        reason,
+    })?;
+    answers_success(&client, url).await
+}
+
+async fn answers_success(client: &reqwest::Client, url: &str) -> Result<(), K8sError> {
+    let fail = |reason: String| K8sError::Probe {
+        url: url.to_string(),
+        reason,
+    };
     let response = client
-        .get(&url)
+        .get(url)
         .send()
         .await
         .map_err(|e| fail(crate::error_chain(&e)))?;

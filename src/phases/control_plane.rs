@@ -80,6 +80,7 @@ fn kubeconfig_path(paths: &HostPaths, client: ClientCert) -> PathBuf {
         ClientCert::ControllerManager => CONTROLLER_MANAGER_CONF,
         ClientCert::Scheduler => SCHEDULER_CONF,
         ClientCert::Kubelet => super::kubelet::KUBECONFIG,
+        ClientCert::KubeProxy => super::kube_proxy::KUBECONFIG,
     })
 }
 
@@ -348,6 +349,7 @@ fn kubeconfigs(ctx: &Context) -> Result<Vec<(PathBuf, String)>, StepError> {
             ClientCert::ControllerManager => "system:kube-controller-manager",
             ClientCert::Scheduler => "system:kube-scheduler",
             ClientCert::Kubelet => &node_user,
+            ClientCert::KubeProxy => crate::pki::KUBE_PROXY_USER,
         };
         let text = k8s::render_kubeconfig(
             &ctx.config.cluster.name,
@@ -375,7 +377,7 @@ impl Step for Kubeconfigs {
         "control-plane-kubeconfigs"
     }
     fn summary(&self) -> &'static str {
-        "write admin.conf, controller-manager.conf, scheduler.conf, the master kubelet's kubelet.conf (0600) and the operator's admin.conf in the state dir"
+        "write admin.conf, controller-manager.conf, scheduler.conf, the master kubelet's kubelet.conf and kube-proxy.conf (0600) and the operator's admin.conf in the state dir"
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
         for (path, text) in kubeconfigs(ctx)? {

@@ -97,12 +97,12 @@ fn joined(ctx: &Context) -> bool {
 }
 
 /// A client with the kubelet's own identity (`system:node:<name>`).
-async fn node_client(ctx: &Context) -> Result<kube::Client, k8s::K8sError> {
+pub(super) async fn node_client(ctx: &Context) -> Result<kube::Client, k8s::K8sError> {
     k8s::client_from_kubeconfig(&ctx.paths.host(KUBECONFIG)).await
 }
 
 /// The API server this node was told about, from its bootstrap kubeconfig.
-fn api_server(ctx: &Context) -> Result<String, StepError> {
+pub(super) fn api_server(ctx: &Context) -> Result<String, StepError> {
     let path = ctx.paths.host(BOOTSTRAP_KUBECONFIG);
     let corrupt = |reason: String| StepError::Corrupt {
         path: path.clone(),

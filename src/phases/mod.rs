@@ -1,11 +1,13 @@
 //! The runbook: which phases, in which order, for which role. Each phase is a
 //! list of steps executed by [`crate::engine`].
 
+pub mod addons;
 pub mod ceph;
 pub mod container_runtime;
 pub mod control_plane;
 pub mod etcd;
 pub mod join_service;
+pub mod kube_proxy;
 pub mod kubelet;
 pub mod node;
 
@@ -35,11 +37,13 @@ pub fn build(role: Role, ceph_role: CephRole) -> Plan {
     }
     if control_plane {
         phases.push(control_plane::phase());
+        phases.push(addons::phase());
     }
     // The runtime first: a kubelet exits when no CRI answers.
     if runs_kubelet(role) {
         phases.push(container_runtime::phase());
         phases.push(kubelet::phase(role));
+        phases.push(kube_proxy::phase(role));
     }
     Plan { phases }
 }
@@ -67,6 +71,7 @@ pub fn rendered_units(paths: &HostPaths, config: &ClusterConfig, node: &NodeSpec
     if runs_kubelet(role) {
         units.push(container_runtime::render_unit(paths));
         units.push(kubelet::render_kubelet_unit(paths, node));
+        units.push(kube_proxy::render_unit(paths));
         units.push(kubelet::render_routes_unit(
             paths,
             node,

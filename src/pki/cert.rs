@@ -287,3 +287,18 @@ pub(crate) fn issue_leaf(
     let cert = params.signed_by(key, &issuer).map_err(gen_err(what()))?;
     Ok(cert.pem())
 }
+
+/// A certificate signing request for a client identity with `common_name`
+/// and no organisation or SANs, signed with `key`.
+pub(crate) fn client_request(common_name: &str, key: &KeyPair) -> Result<String, PkiError> {
+    let what = || format!("certificate request {common_name}");
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params
+        .serialize_request(key)
+        .and_then(|csr| csr.pem())
+        .map_err(gen_err(what()))
+}

@@ -69,10 +69,13 @@ pub enum LeafKind {
     Scheduler,
     /// The master's kubelet, as `system:node:<name>`.
     Kubelet,
+    /// The master's kube-proxy, as `system:kube-proxy` (a worker's comes
+    /// from a CSR instead: its node holds no CA key).
+    KubeProxy,
 }
 
 impl LeafKind {
-    pub const ALL: [LeafKind; 11] = [
+    pub const ALL: [LeafKind; 12] = [
         LeafKind::ApiServer,
         LeafKind::ApiServerKubeletClient,
         LeafKind::ApiServerEtcdClient,
@@ -84,6 +87,7 @@ impl LeafKind {
         LeafKind::ControllerManager,
         LeafKind::Scheduler,
         LeafKind::Kubelet,
+        LeafKind::KubeProxy,
     ];
 
     /// Path of the cert/key pair relative to the PKI dir, without extension.
@@ -100,6 +104,7 @@ impl LeafKind {
             LeafKind::ControllerManager => "clients/controller-manager",
             LeafKind::Scheduler => "clients/scheduler",
             LeafKind::Kubelet => "clients/kubelet",
+            LeafKind::KubeProxy => "clients/kube-proxy",
         }
     }
 
@@ -110,7 +115,8 @@ impl LeafKind {
             | LeafKind::Admin
             | LeafKind::ControllerManager
             | LeafKind::Scheduler
-            | LeafKind::Kubelet => CaKind::Cluster,
+            | LeafKind::Kubelet
+            | LeafKind::KubeProxy => CaKind::Cluster,
             LeafKind::FrontProxyClient => CaKind::FrontProxy,
             LeafKind::ApiServerEtcdClient
             | LeafKind::EtcdServer
@@ -133,14 +139,16 @@ pub enum ClientCert {
     ControllerManager,
     Scheduler,
     Kubelet,
+    KubeProxy,
 }
 
 impl ClientCert {
-    pub const ALL: [ClientCert; 4] = [
+    pub const ALL: [ClientCert; 5] = [
         ClientCert::Admin,
         ClientCert::ControllerManager,
         ClientCert::Scheduler,
         ClientCert::Kubelet,
+        ClientCert::KubeProxy,
     ];
 
     pub fn leaf(self) -> LeafKind {
@@ -149,6 +157,7 @@ impl ClientCert {
             ClientCert::ControllerManager => LeafKind::ControllerManager,
             ClientCert::Scheduler => LeafKind::Scheduler,
             ClientCert::Kubelet => LeafKind::Kubelet,
+            ClientCert::KubeProxy => LeafKind::KubeProxy,
         }
     }
 }

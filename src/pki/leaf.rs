@@ -25,6 +25,9 @@ use crate::paths::HostPaths;
 pub const MASTERS_GROUP: &str = "system:masters";
 /// Every kubelet's group.
 pub const NODES_GROUP: &str = "system:nodes";
+/// kube-proxy's user: Kubernetes' bootstrap RBAC binds it to the
+/// `system:node-proxier` ClusterRole.
+pub const KUBE_PROXY_USER: &str = "system:kube-proxy";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReissueReason {
@@ -105,6 +108,41 @@ impl LeafReport {
     }
 }
 
+/// A plain client identity: `common_name` in `organization`, no SANs.
+fn client_profile(common_name: &str, organization: Option<&str>) -> LeafProfile {
+    LeafProfile {
+        common_name: common_name.to_owned(),
+        organizations: organization.into_iter().map(str::to_owned).collect(),
+        sans: BTreeSet::new(),
+        server_auth: false,
+        client_auth: true,
+    }
+}
+
+/// Why the client certificate `cert_pem` no longer serves as
+/// `common_name` (no organisation) with `key_pem` under the CA `ca_pem`;
+/// `None` when it still does. For identities a signer elsewhere issues
+/// through a CSR, so that the node knows when to ask again.
+pub(crate) fn assess_requested_client(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    ca_pem: &[u8],
+    common_name: &str,
+    now: OffsetDateTime,
+) -> Option<ReissueReason> {
+    let Some(key) = std::str::from_utf8(key_pem)
+        .ok()
+        .and_then(|pem| KeyPair::from_pem(pem).ok())
+    else {
+        return Some(ReissueReason::KeyUnusable);
+    };
+    let (cert, ca) = match (CertInfo::parse_pem(cert_pem), CertInfo::parse_pem(ca_pem)) {
+        (Ok(cert), Ok(ca)) => (cert, ca),
+        (Err(why), _) | (_, Err(why)) => return Some(ReissueReason::Unreadable(why)),
+    };
+    assess(&client_profile(common_name, None), &cert, &key, &ca, now)
+}
+
 /// The SANs and names every leaf of `node` must carry.
 pub(crate) fn profile(
     leaf: LeafKind,
@@ -112,13 +150,7 @@ pub(crate) fn profile(
     node: &NodeSpec,
     etcd_listens_on_loopback: bool,
 ) -> Result<LeafProfile, PkiError> {
-    let client = |cn: &str, org: Option<&str>| LeafProfile {
-        common_name: cn.to_owned(),
-        organizations: org.into_iter().map(str::to_owned).collect(),
-        sans: BTreeSet::new(),
-        server_auth: false,
-        client_auth: true,
-    };
+    let client = client_profile;
     let node_sans = || BTreeSet::from([San::dns(&node.hostname), San::Ip(IpAddr::V4(node.ip))]);
     Ok(match leaf {
         LeafKind::ApiServer => {
@@ -161,6 +193,7 @@ pub(crate) fn profile(
         // What the Node authorizer and NodeRestriction know a kubelet by;
         // the name is the one the kubelet registers (--hostname-override).
         LeafKind::Kubelet => client(&format!("system:node:{}", node.name), Some(NODES_GROUP)),
+        LeafKind::KubeProxy => client(KUBE_PROXY_USER, None),
         LeafKind::EtcdServer => {
             let mut sans = node_sans();
             if etcd_listens_on_loopback {
@@ -207,13 +240,13 @@ fn assess(
     wanted: &LeafProfile,
     cert: &CertInfo,
     key: &KeyPair,
-    ca: &LoadedCa,
+    ca: &CertInfo,
     now: OffsetDateTime,
 ) -> Option<ReissueReason> {
     if !cert.matches_key(key) {
         return Some(ReissueReason::KeyMismatch);
     }
-    if !cert.signed_by(&ca.info) {
+    if !cert.signed_by(ca) {
         return Some(ReissueReason::WrongIssuer);
     }
     if cert.not_after - now < RENEW_BEFORE {
@@ -299,7 +332,7 @@ fn ensure_leaf(
         (Some(_), None) => Some(ReissueReason::KeyUnusable),
         (Some(pem), Some(key)) => match CertInfo::parse_pem(pem) {
             Err(why) => Some(ReissueReason::Unreadable(why)),
-            Ok(info) => match assess(wanted, &info, key, ca, now) {
+            Ok(info) => match assess(wanted, &info, key, &ca.info, now) {
                 None => return Ok(LeafOutcome::Kept),
                 reason => reason,
             },

@@ -30,7 +30,9 @@ pub use ca::{CaBundle, CaItem, CaOutcome, CaReport};
 pub use cert::San;
 pub use error::PkiError;
 pub use layout::{CaKind, CertKeyPaths, ClientCert, LeafKind, PKI_DIR, PkiPaths};
-pub use leaf::{LeafOutcome, LeafReport, MASTERS_GROUP, NODES_GROUP, ReissueReason};
+pub use leaf::{
+    KUBE_PROXY_USER, LeafOutcome, LeafReport, MASTERS_GROUP, NODES_GROUP, ReissueReason,
+};
 
 use crate::config::{ClusterConfig, NodeSpec};
 use crate::paths::HostPaths;
@@ -86,6 +88,53 @@ pub fn ensure_node_certs(
 /// node; checks it first so that nothing unusable is sent.
 pub fn read_shared_ca_bundle(paths: &HostPaths) -> Result<CaBundle, PkiError> {
     ca::read_shared_ca_bundle(paths)
+}
+
+/// A client identity that a signer elsewhere issues through a CSR: the key
+/// is made on this node (0600 at `key_path`, kept across runs so that a
+/// request lost to a crash is simply made again) and never leaves it.
+/// Returns the key and a CSR for `common_name` in PEM.
+pub fn client_request(key_path: &Path, common_name: &str) -> Result<(String, String), PkiError> {
+    let existing = cert::read_optional(key_path)?
+        .and_then(|pem| String::from_utf8(pem).ok())
+        .filter(|pem| rcgen::KeyPair::from_pem(pem).is_ok());
+    let key_pem = match existing {
+        Some(pem) => pem,
+        None => {
+            let pem = cert::generate_key(common_name)?.serialize_pem();
+            cert::write_key(key_path, &pem)?;
+            pem
+        }
+    };
+    let key = cert::parse_key(key_path, key_pem.as_bytes())?;
+    let csr = cert::client_request(common_name, &key)?;
+    Ok((key_pem, csr))
+}
+
+/// Why the requested client certificate at `cert_path` (key at
+/// `key_path`) must be asked for again: missing, unreadable, not the key's,
+/// not signed by the CA at `ca_path`, not `common_name`, or within
+/// [`RENEW_BEFORE`] of expiry. `None` when it still serves.
+pub fn requested_client_stale(
+    cert_path: &Path,
+    key_path: &Path,
+    ca_path: &Path,
+    common_name: &str,
+) -> Result<Option<String>, PkiError> {
+    let (Some(cert), Some(key)) = (
+        cert::read_optional(cert_path)?,
+        cert::read_optional(key_path)?,
+    ) else {
+        return Ok(Some("no certificate yet".into()));
+    };
+    let ca = cert::read_optional(ca_path)?.ok_or_else(|| PkiError::CaMissing {
+        ca: CaKind::Cluster,
+        cert: ca_path.to_path_buf(),
+    })?;
+    Ok(
+        leaf::assess_requested_client(&cert, &key, &ca, common_name, OffsetDateTime::now_utc())
+            .map(|reason| reason.to_string()),
+    )
 }
 
 /// PEM material for a kubeconfig: the client cert and key, and the cluster

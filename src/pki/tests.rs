@@ -278,6 +278,8 @@ fn fresh_node_gets_kubeadm_layout_and_modes() {
         "clients/scheduler.key",
         "clients/kubelet.crt",
         "clients/kubelet.key",
+        "clients/kube-proxy.crt",
+        "clients/kube-proxy.key",
     ]
     .into_iter()
     .map(PathBuf::from)
@@ -432,6 +434,7 @@ fn client_subjects_are_what_rbac_expects() {
         ),
         (LeafKind::Scheduler, "CN=system:kube-scheduler"),
         (LeafKind::Kubelet, "CN=system:node:m1,O=system:nodes"),
+        (LeafKind::KubeProxy, "CN=system:kube-proxy"),
         (
             LeafKind::ApiServerKubeletClient,
             "CN=kube-apiserver-kubelet-client,O=system:masters",
@@ -823,4 +826,58 @@ fn workers_and_missing_cas_are_refused() {
     let worker = config.node("w1").unwrap();
     let err = ensure_node_certs(&host.paths, &config, worker, true).unwrap_err();
     assert!(matches!(err, PkiError::NotControlPlane { .. }), "{err:?}");
+}
+
+#[test]
+fn a_requested_client_keeps_its_key_and_is_asked_for_again_only_when_stale() {
+    let host = Host::bootstrapped("m1");
+    let pki = host.pki();
+    let ca = pki.ca(CaKind::Cluster).cert;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("pki/client.key");
+    let cert = dir.path().join("pki/client.crt");
+
+    let (first_key, csr) = super::client_request(&key, super::KUBE_PROXY_USER).unwrap();
+    let (again, _) = super::client_request(&key, super::KUBE_PROXY_USER).unwrap();
+    assert_eq!(
+        first_key, again,
+        "a crash between request and answer keeps the key"
+    );
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (_, pem) = x509_parser::pem::parse_x509_pem(csr.as_bytes()).unwrap();
+    let (_, request) =
+        <x509_parser::certification_request::X509CertificationRequest as x509_parser::prelude::FromDer<'_, _>>::from_der(&pem.contents)
+            .unwrap();
+    let subject = request.certification_request_info.subject.to_string();
+    assert_eq!(subject, "CN=system:kube-proxy");
+
+    let stale = |cn: &str| super::requested_client_stale(&cert, &key, &ca, cn).unwrap();
+    assert_eq!(
+        stale(super::KUBE_PROXY_USER).as_deref(),
+        Some("no certificate yet")
+    );
+    // The master's own kube-proxy pair stands in for what a signer issues.
+    let issued = pki.leaf(LeafKind::KubeProxy);
+    std::fs::copy(&issued.cert, &cert).unwrap();
+    assert!(
+        stale(super::KUBE_PROXY_USER)
+            .unwrap()
+            .contains("does not match its private key"),
+        "a certificate for another key"
+    );
+    std::fs::copy(&issued.key, &key).unwrap();
+    assert_eq!(stale(super::KUBE_PROXY_USER), None);
+    assert!(stale("system:node:m1").unwrap().contains("wrong subject"));
+    let other_ca = Host::bootstrapped("m2");
+    let foreign = super::requested_client_stale(
+        &cert,
+        &key,
+        &other_ca.pki().ca(CaKind::Cluster).cert,
+        super::KUBE_PROXY_USER,
+    )
+    .unwrap();
+    assert!(foreign.unwrap().contains("not signed by the current CA"));
 }

@@ -164,6 +164,16 @@ pub fn render(
             f.bytes.as_slice(),
         )
     }));
+    // Add-ons are applied by masters only.
+    if node.is_control_plane() {
+        files.extend(sources.manifests.iter().map(|f| {
+            file(
+                etc(&f.path.to_string_lossy()),
+                PUBLIC_MODE,
+                f.bytes.as_slice(),
+            )
+        }));
+    }
     files.push(file(
         etc(IDENTITY_FILE),
         PUBLIC_MODE,

@@ -80,9 +80,13 @@ pub fn run_ok(c: &Cluster, node: &str) {
 /// The steps that find a phase's binaries in the image, and what each one's
 /// note must say when the image (etcd only, as here) has none.
 const IMAGE_GATES: &[(&str, &[&str])] = &[
-    ("control-plane-binaries", &["control-plane binaries", "etcd is formed"]),
+    (
+        "control-plane-binaries",
+        &["control-plane binaries", "etcd is formed"],
+    ),
     ("containerd-binaries", &["no containerd in"]),
     ("kubelet-binary", &["kubelet not found in"]),
+    ("kube-proxy-binary", &["runs no kube-proxy"]),
 ];
 
 /// One cluster: exactly the given nodes as started voting members, each

@@ -413,6 +413,9 @@ impl Cluster {
             ]);
             ip(&["-n", &ns, "link", "set", "eth0", "up"]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            // As on a real node: the Service range is routed (by default)
+            // before kube-proxy's DNAT applies.
+            ip(&["-n", &ns, "route", "add", "default", "dev", "eth0"]);
         }
     }
 
