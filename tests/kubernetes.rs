@@ -41,16 +41,16 @@ const NODE_BINARIES: [&str; 4] = [
     "kubelet",
     "kube-proxy",
 ];
-/// A worker's steps that apply on a fresh join (the binary checks find
-/// their binaries and apply nothing), in the order it runs them.
-const WORKER_STEPS: [&str; 10] = [
+/// A worker's steps that always apply on a fresh join, in the order it runs
+/// them. Not the binary checks (they find their binaries and apply
+/// nothing), nor `node-ready` (the Node may be Ready before it runs).
+const WORKER_STEPS: [&str; 9] = [
     "worker-join-material",
     "kubelet-version-skew",
     "kubelet-config",
     "kubelet-start",
     "pod-network",
     "pod-routes",
-    "node-ready",
     "kube-proxy-credentials",
     "kube-proxy-config",
     "kube-proxy-start",
@@ -738,7 +738,16 @@ fn config_map(c: &Cluster, namespace: &str, name: &str) -> serde_json::Value {
         c,
         "cp-1",
         &admin(c),
-        &["get", "configmap", name, "-n", namespace, "-o", "json"],
+        &[
+            "get",
+            "configmap",
+            name,
+            "-n",
+            namespace,
+            "-o",
+            "json",
+            "--show-managed-fields",
+        ],
     ))
     .unwrap()
 }

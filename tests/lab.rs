@@ -77,7 +77,11 @@ fn lab_up_status_down_leaves_nothing_behind() {
         .args(["--kubeconfig", kubeconfig, "get", "nodes", "-o", "name"])
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&nodes.stdout).trim(), "node/w-1");
+    // Masters are Nodes too.
+    assert_eq!(
+        String::from_utf8_lossy(&nodes.stdout).trim(),
+        "node/cp-1\nnode/w-1"
+    );
     // Everything ran: the worker joined Kubernetes through the master's
     // join service, the monitor is in quorum.
     assert!(
