@@ -1,6 +1,9 @@
 //! Crash-safe file writes: temp file in the same directory → fsync → rename →
 //! fsync the directory. A reader sees the old content or the new, never a
-//! torn file, whatever instant the machine dies at.
+//! torn file, whatever instant the machine dies at. Directories the writes
+//! create are synced into their parents, and removals into theirs, so a
+//! power cut keeps what a completed step made and what a completed reset
+//! removed.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -35,7 +38,7 @@ fn write_atomic_inner(path: &Path, contents: &[u8], mode: u32) -> io::Result<()>
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
+    create_dir_all_durable(dir)?;
     let file_name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
@@ -69,6 +72,50 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// `create_dir_all`, with every directory it creates synced into its
+/// parent: without that, a file written and synced into a brand-new
+/// directory can vanish with the directory on power loss.
+pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && fs::symlink_metadata(d).is_err())
+        .collect();
+    for new in missing.iter().rev() {
+        match fs::create_dir(new) {
+            Ok(()) => {}
+            // Another writer made it meanwhile; its sync is still ours to do.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(parent) = new.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    if missing.is_empty() && !dir.is_dir() {
+        // A file where the directory should be: the error create_dir_all gives.
+        fs::create_dir_all(dir)?;
+    }
+    Ok(())
+}
+
+/// Removes a file or a whole tree and syncs the removal into the parent
+/// directory; one already gone is success.
+pub fn remove_durable(path: &Path) -> io::Result<()> {
+    let result = match path.symlink_metadata() {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    }
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
+    }
+}
+
 /// Reads a file, mapping "not found" to `None`.
 pub fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
     match fs::read(path) {
@@ -80,7 +127,7 @@ pub fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
 
 /// Creates a directory (and parents) with `mode` on the last component.
 pub fn create_dir_with_mode(path: &Path, mode: u32) -> io::Result<()> {
-    fs::create_dir_all(path)?;
+    create_dir_all_durable(path)?;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
 }
 
@@ -141,6 +188,24 @@ mod tests {
             PathBuf::from("/tmp/a b/c\\d")
         );
         assert_eq!(unescape_mount_path("/plain"), PathBuf::from("/plain"));
+    }
+
+    #[test]
+    fn durable_dirs_are_created_and_removals_are_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a/b/c");
+        create_dir_all_durable(&deep).unwrap();
+        assert!(deep.is_dir());
+        create_dir_all_durable(&deep).unwrap();
+        std::fs::write(dir.path().join("a/file"), b"x").unwrap();
+        let err = create_dir_all_durable(&dir.path().join("a/file/d")).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotADirectory, "{err}");
+        assert!(create_dir_all_durable(&dir.path().join("a/file")).is_err());
+
+        remove_durable(&dir.path().join("a/b")).unwrap();
+        remove_durable(&dir.path().join("a/file")).unwrap();
+        remove_durable(&dir.path().join("a/never-there")).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path().join("a")).unwrap().count(), 0);
     }
 
     #[test]

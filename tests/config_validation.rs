@@ -64,6 +64,7 @@ fn default_networking() -> Networking {
         gateway: None,
         dns_servers: vec![],
         prefix_length: 24,
+        cni: Default::default(),
     }
 }
 
@@ -97,6 +98,7 @@ fn valid_full_config_loads_exactly() {
                 gateway: Some(ip("192.168.1.1")),
                 dns_servers: vec![ip("192.168.1.1"), ip("192.168.1.2")],
                 prefix_length: 23,
+                cni: Default::default(),
             },
             bootstrap: BootstrapSettings {
                 token_ttl: Duration::from_secs(5400),
@@ -358,6 +360,39 @@ fn a_pod_cidr_without_a_range_for_every_kubelet_is_refused() {
             "cluster.yaml:4:15: cluster.networking.pod_cidr: 10.244.0.0/23 has room for 2 node range(s) of /24, but 3 nodes run a kubelet and each gets one: use a /22 or larger",
         ],
     );
+}
+
+/// The operator's CNI manifest: a file of the config dir, outside
+/// `manifests/`; every path error names where it was written.
+#[test]
+fn a_cni_manifest_is_a_yaml_file_inside_the_config_dir() {
+    let config = load_ok("cni-manifest");
+    assert_eq!(
+        config.cluster.networking.cni,
+        config::Cni::Manifest("cni/calico.yaml".into())
+    );
+    assert_errors(
+        "bad-cni-manifest",
+        &[
+            "cluster.yaml:4:21: cluster.networking.cni.manifest: \"../calico.yaml\" must be a path inside the config dir, relative, without `..` (e.g. cni/calico.yaml)",
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("cni-manifest").join("cluster.yaml"),
+        dir.path().join("cluster.yaml"),
+    )
+    .unwrap();
+    match config::load(dir.path()) {
+        Err(config::ConfigError::Invalid { report, .. }) => {
+            let text = report.to_string();
+            assert!(
+                text.contains("cluster.yaml:5:17: cluster.networking.cni.manifest: cni/calico.yaml is not a file in"),
+                "{text}"
+            );
+        }
+        other => panic!("a missing CNI manifest is an error: {other:?}"),
+    }
 }
 
 #[test]

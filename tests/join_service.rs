@@ -445,6 +445,42 @@ async fn hostile_clients_get_a_4xx_and_no_secret_byte() {
             ),
         ),
         (
+            "6b. timestamp i64::MIN, properly signed",
+            401,
+            "clock",
+            with(
+                k.clone(),
+                "cp-2",
+                Purpose::ControlPlane,
+                |r| r.timestamp = i64::MIN,
+                |_| {},
+            ),
+        ),
+        (
+            "6c. timestamp i64::MAX, properly signed",
+            401,
+            "clock",
+            with(
+                k.clone(),
+                "cp-2",
+                Purpose::ControlPlane,
+                |r| r.timestamp = i64::MAX,
+                |_| {},
+            ),
+        ),
+        (
+            "6d. timestamp i64::MIN with a forged proof",
+            401,
+            "proof does not verify",
+            with(
+                w.clone(),
+                "cp-2",
+                Purpose::ControlPlane,
+                |r| r.timestamp = i64::MIN,
+                |_| {},
+            ),
+        ),
+        (
             "7. proof with one bit flipped",
             401,
             "proof does not verify",

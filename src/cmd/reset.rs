@@ -727,21 +727,14 @@ async fn remove_member(paths: &HostPaths, member: u64, via: &str) -> Result<(), 
 }
 
 fn remove_path(p: &Path) -> Result<(), CliError> {
+    // The kubelet's dir holds pod volumes mounted below it. Each removal
+    // is synced, so reset's order survives a power cut.
     let result = match p.symlink_metadata() {
-        // The kubelet's dir holds pod volumes mounted below it.
-        Ok(m) if m.is_dir() => {
-            crate::fsutil::unmount_under(p).and_then(|_| std::fs::remove_dir_all(p))
-        }
-        Ok(_) => std::fs::remove_file(p),
-        Err(e) => Err(e),
-    };
-    match result {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(CliError::Failed(format!(
-            "cannot remove {}: {e}",
-            p.display()
-        ))),
+        Ok(m) if m.is_dir() => crate::fsutil::unmount_under(p).map(drop),
         _ => Ok(()),
     }
+    .and_then(|()| crate::fsutil::remove_durable(p));
+    result.map_err(|e| CliError::Failed(format!("cannot remove {}: {e}", p.display())))
 }
 
 fn confirm(actions: &[Action]) -> Result<bool, CliError> {

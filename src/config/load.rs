@@ -44,6 +44,30 @@ pub struct Sources {
     pub node_files: Vec<SourceFile>,
     /// `manifests/*.yaml`, sorted by name: the add-ons masters apply.
     pub manifests: Vec<SourceFile>,
+    /// The file `networking.cni.manifest` names, once a parse found it
+    /// ([`Sources::read_cni_manifest`]).
+    pub cni_manifest: Option<SourceFile>,
+}
+
+impl Sources {
+    /// Reads the CNI manifest `config` names, if any, from `config_dir`.
+    pub fn read_cni_manifest(
+        &mut self,
+        config_dir: &Path,
+        config: &ClusterConfig,
+    ) -> Result<(), ConfigError> {
+        if let super::Cni::Manifest(path) = &config.cluster.networking.cni {
+            let bytes = std::fs::read(config_dir.join(path)).map_err(|source| ConfigError::Io {
+                path: config_dir.join(path),
+                source,
+            })?;
+            self.cni_manifest = Some(SourceFile {
+                path: path.clone(),
+                bytes,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Reads `config_dir/cluster.yaml` and `config_dir/nodes/*.yaml` (`*.yml`
@@ -57,6 +81,7 @@ pub fn read_sources(config_dir: &Path) -> Result<Sources, ConfigError> {
         cluster_yaml,
         node_files: read_yaml_files(config_dir, NODES_DIR)?,
         manifests: read_manifests(config_dir)?,
+        cni_manifest: None,
     })
 }
 

@@ -79,6 +79,18 @@ pub struct Networking {
     pub gateway: Option<Ipv4Addr>,
     pub dns_servers: Vec<Ipv4Addr>,
     pub prefix_length: u8,
+    pub cni: Cni,
+}
+
+/// Where the pods' network comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Cni {
+    /// The agent's bridge + host-local CNI config and host-gateway routes.
+    #[default]
+    BuiltIn,
+    /// An operator's CNI manifest (Calico, say), relative to the config
+    /// dir, applied by the masters; its own installer configures the nodes.
+    Manifest(std::path::PathBuf),
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -31,7 +31,9 @@ pub const NETWORKING_KEYS: &[&str] = &[
     "gateway",
     "dns_servers",
     "prefix_length",
+    "cni",
 ];
+pub const CNI_KEYS: &[&str] = &["manifest"];
 pub const BOOTSTRAP_KEYS: &[&str] = &["token_ttl", "join_port"];
 pub const ETCD_KEYS: &[&str] = &["client_port", "peer_port"];
 pub const CONTAINERD_KEYS: &[&str] = &["sandbox_image"];
@@ -144,6 +146,13 @@ pub struct RawNetworking {
     pub gateway: Option<Val>,
     pub dns_servers: Option<List>,
     pub prefix_length: Option<Val>,
+    pub cni: Option<RawCni>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawCni {
+    pub loc: Loc,
+    pub manifest: Option<Val>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -416,6 +425,10 @@ impl Walker<'_> {
                 gateway: self.scalar_field(&n, "gateway"),
                 dns_servers: self.list_field(&n, "dns_servers"),
                 prefix_length: self.scalar_field(&n, "prefix_length"),
+                cni: self.sub_map(&n, "cni", CNI_KEYS).map(|c| RawCni {
+                    manifest: self.required_scalar(&c, "manifest"),
+                    loc: c.loc,
+                }),
             });
         let bootstrap = self
             .sub_map(&f, "bootstrap", BOOTSTRAP_KEYS)
@@ -566,6 +579,7 @@ mod tests {
             ROOT_KEYS,
             CLUSTER_KEYS,
             NETWORKING_KEYS,
+            CNI_KEYS,
             BOOTSTRAP_KEYS,
             ETCD_KEYS,
             CONTAINERD_KEYS,

@@ -128,6 +128,18 @@ pub fn validate(
     v.control_plane_count(&nodes, &nodes_loc);
     if let Some(settings) = &settings {
         v.pod_cidr_room(settings, &nodes, &nodes_loc);
+        if let Some(manifest) = &settings.cni_manifest
+            && !source_dir.join(&manifest.value).is_file()
+        {
+            v.error(
+                &manifest.loc,
+                format!(
+                    "{} is not a file in {}: the CNI manifest ships with the configuration",
+                    manifest.value.display(),
+                    source_dir.display()
+                ),
+            );
+        }
         v.ceph_consistency(raw_cluster, settings.ceph.as_ref(), &nodes);
     }
 
@@ -163,6 +175,8 @@ struct PartialSettings {
     ceph: Option<CephNetworks>,
     /// Where pod_cidr was set; `None` for the default.
     pod_cidr_loc: Option<Loc>,
+    /// `networking.cni.manifest`, where it was written.
+    cni_manifest: Option<At<std::path::PathBuf>>,
 }
 
 impl PartialSettings {
@@ -418,6 +432,11 @@ impl Validator<'_> {
             DEFAULT_PREFIX_LENGTH,
             |v| values::prefix_length(&v.text, v.plain),
         );
+        let cni_manifest = self.opt(
+            net.and_then(|n| n.cni.as_ref())
+                .and_then(|c| c.manifest.as_ref()),
+            |v| values::manifest_path(&v.text),
+        );
 
         let boot = raw.bootstrap.as_ref();
         let default_ttl = values::duration(DEFAULT_TOKEN_TTL).unwrap_or_default();
@@ -484,6 +503,9 @@ impl Validator<'_> {
                 gateway,
                 dns_servers,
                 prefix_length,
+                cni: cni_manifest.as_ref().map_or(super::Cni::BuiltIn, |m| {
+                    super::Cni::Manifest(m.value.clone())
+                }),
             },
             bootstrap: BootstrapSettings {
                 token_ttl,
@@ -496,6 +518,7 @@ impl Validator<'_> {
             containerd: ContainerdSettings { sandbox_image },
             ceph,
             pod_cidr_loc: pod_loc,
+            cni_manifest,
         }
     }
 

@@ -292,6 +292,29 @@ fn path_component(c: &str) -> bool {
 }
 
 /// `host` or `host:port`, host an IPv4 address or DNS name.
+/// A manifest file relative to the config dir: `.yaml` or `.yml`, no
+/// absolute path, no `..`, and not under `manifests/` (whose files are
+/// applied anyway).
+pub fn manifest_path(text: &str) -> Result<std::path::PathBuf, String> {
+    use std::path::{Component, Path};
+    let path = Path::new(text);
+    if !(text.ends_with(".yaml") || text.ends_with(".yml")) {
+        return Err(format!("{text:?} is not a .yaml or .yml file"));
+    }
+    if !path.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(format!(
+            "{text:?} must be a path inside the config dir, relative, without `..` (e.g. cni/calico.yaml)"
+        ));
+    }
+    if path.starts_with(super::MANIFESTS_DIR) {
+        return Err(format!(
+            "{text:?} is under {}/, whose files are all applied as add-ons; put the CNI manifest elsewhere (e.g. cni/)",
+            super::MANIFESTS_DIR
+        ));
+    }
+    Ok(path.to_path_buf())
+}
+
 pub fn endpoint(text: &str, default_port: u16) -> Result<Endpoint, String> {
     let (host, port) = match text.rsplit_once(':') {
         Some((host, port)) => (host, port_in_endpoint(text, port)?),
@@ -318,6 +341,25 @@ fn port_in_endpoint(text: &str, port: &str) -> Result<u16, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn manifest_paths_stay_inside_the_config_dir_and_out_of_manifests() {
+        assert_eq!(
+            manifest_path("cni/calico.yaml").unwrap(),
+            std::path::PathBuf::from("cni/calico.yaml")
+        );
+        assert!(manifest_path("calico.yml").is_ok());
+        for (text, why) in [
+            ("/etc/calico.yaml", "must be a path inside"),
+            ("cni/../../calico.yaml", "must be a path inside"),
+            ("./calico.yaml", "must be a path inside"),
+            ("calico.json", "not a .yaml or .yml"),
+            ("manifests/calico.yaml", "whose files are all applied"),
+        ] {
+            let err = manifest_path(text).unwrap_err();
+            assert!(err.contains(why), "{text}: {err}");
+        }
+    }
 
     #[test]
     fn durations() {

@@ -389,15 +389,6 @@ impl JoinServer {
                 "nonce or proof is not valid base64 of the right length",
             );
         };
-        let skew = (now_unix() - request.timestamp).abs();
-        if skew > MAX_CLOCK_SKEW_SECS {
-            return Answer::Refused(
-                StatusCode::UNAUTHORIZED,
-                format!(
-                    "request timestamp is {skew} s away from this server's clock (at most {MAX_CLOCK_SKEW_SECS} s); check NTP on both machines"
-                ),
-            );
-        }
         let fields = ProofFields {
             node: &request.node,
             purpose: request.purpose,
@@ -410,6 +401,18 @@ impl JoinServer {
             return refuse(
                 StatusCode::UNAUTHORIZED,
                 "proof does not verify: wrong join secret, wrong cluster name, or a request made for another TLS session",
+            );
+        }
+        // After the proof, which covers the timestamp: only a holder of the
+        // secret learns how far off its clock is. `abs_diff`, since any i64
+        // may arrive (i64::MIN has no absolute value).
+        let skew = now_unix().abs_diff(request.timestamp);
+        if skew > MAX_CLOCK_SKEW_SECS.unsigned_abs() {
+            return Answer::Refused(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "request timestamp is {skew} s away from this server's clock (at most {MAX_CLOCK_SKEW_SECS} s); check NTP on both machines"
+                ),
             );
         }
         if !conn

@@ -1,5 +1,6 @@
-//! Phase `addons` (masters): every `*.yaml` under the config dir's
-//! `manifests/` is applied with server-side apply once the API answers —
+//! Phase `addons` (masters): the CNI manifest `networking.cni.manifest`
+//! names, if any, then every `*.yaml` under the config dir's `manifests/`,
+//! is applied with server-side apply once the API answers —
 //! on the first master, and again by any master that finds a manifest
 //! changed. What each master applied is recorded per file by its SHA-256,
 //! so an unchanged manifest is not sent again, and a changed one is.
@@ -17,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use crate::config::MANIFESTS_DIR;
 use crate::engine::{Context, Outcome, Phase, Step, StepError};
 use crate::k8s::apply::{self, ApplyError};
 use crate::wait::Backoff;
@@ -38,7 +38,8 @@ pub fn phase() -> Phase {
     }
 }
 
-/// File name → SHA-256 (hex) of the content last applied in full.
+/// Path in the config dir → SHA-256 (hex) of the content last applied in
+/// full.
 #[derive(Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Record {
     applied: BTreeMap<String, String>,
@@ -50,25 +51,29 @@ struct Manifest {
     text: String,
 }
 
-fn manifests_dir(ctx: &Context) -> PathBuf {
-    ctx.paths.config_dir().join(MANIFESTS_DIR)
-}
-
-/// The manifests in name order, each with its digest.
+/// The CNI manifest (`networking.cni.manifest`) first, then the add-ons
+/// in name order, each by its path in the config dir, with its digest.
 fn manifests(ctx: &Context) -> Result<Vec<Manifest>, StepError> {
-    let files = crate::config::read_manifests(ctx.paths.config_dir())
-        .map_err(|e| StepError::Precondition(crate::error_chain(&e)))?;
-    Ok(files
+    let config_dir = ctx.paths.config_dir();
+    let unreadable =
+        |e: crate::config::ConfigError| StepError::Precondition(crate::error_chain(&e));
+    let mut sources = crate::config::Sources {
+        cluster_yaml: Vec::new(),
+        node_files: Vec::new(),
+        manifests: crate::config::read_manifests(config_dir).map_err(unreadable)?,
+        cni_manifest: None,
+    };
+    sources
+        .read_cni_manifest(config_dir, &ctx.config)
+        .map_err(unreadable)?;
+    Ok(sources
+        .cni_manifest
         .into_iter()
+        .chain(sources.manifests)
         .map(|f| {
             let digest = ring::digest::digest(&ring::digest::SHA256, &f.bytes);
             Manifest {
-                file: f
-                    .path
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
+                file: f.path.display().to_string(),
                 digest: digest.as_ref().iter().map(|b| format!("{b:02x}")).collect(),
                 text: String::from_utf8_lossy(&f.bytes).into_owned(),
             }
@@ -109,7 +114,7 @@ impl fmt::Display for ManifestFailure {
 /// Every failure of one pass over the manifests, all reported at once.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{} add-on manifest object(s) not applied (the others were):\n  {}\nfix the manifests in {dir} and run the agent again",
+    "{} add-on manifest object(s) not applied (the others were):\n  {}\nfix them in {dir} and run the agent again",
     failures.len(),
     failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  ")
 )]
@@ -126,7 +131,7 @@ impl Step for ApplyManifests {
         "addon-manifests"
     }
     fn summary(&self) -> &'static str {
-        "server-side apply every manifests/*.yaml of the config dir that changed since this master last applied it (field manager cluster-agent)"
+        "server-side apply the CNI manifest (networking.cni.manifest) and every manifests/*.yaml of the config dir that changed since this master last applied it (field manager cluster-agent)"
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
         Ok(unapplied(ctx)?.is_empty())
@@ -194,7 +199,7 @@ impl Step for ApplyManifests {
         super::save_record(&record_path(ctx), &record)?;
         if !failures.is_empty() {
             return Err(StepError::Manifests(ManifestFailures {
-                dir: manifests_dir(ctx).display().to_string(),
+                dir: ctx.paths.config_dir().display().to_string(),
                 failures,
             }));
         }

@@ -355,7 +355,7 @@ impl Step for Mkfs {
         }
         for dir in ["/run/ceph", "/var/log/ceph", "/var/lib/ceph/mon"] {
             let dir = ctx.paths.host(dir);
-            std::fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+            crate::fsutil::create_dir_all_durable(&dir).map_err(|e| io_error(&dir, e))?;
         }
         let conf = ctx.paths.host(ceph::CONF_FILE);
         let monmap = ctx.paths.state_file("ceph-monmap.tmp");

@@ -45,6 +45,13 @@ pub const ROOT_DIR: &str = "/var/lib/kubelet";
 pub const CONFIG_FILE: &str = "/var/lib/kubelet/config.yaml";
 pub const CERT_DIR: &str = "/var/lib/kubelet/pki";
 pub const CLIENT_CERT: &str = "/var/lib/kubelet/pki/kubelet-client-current.pem";
+/// When the bootstrap token in `bootstrap-kubelet.conf` expires (RFC 3339),
+/// in the state dir: a token that expired before the kubelet used it is
+/// replaced, not kept for good.
+const TOKEN_RECORD: &str = "bootstrap-token.json";
+/// A token this close to expiry is fetched anew: the kubelet needs a few
+/// seconds with it.
+const TOKEN_MARGIN: time::Duration = time::Duration::minutes(1);
 /// Workers may boot long before the control plane is up.
 const JOIN_WAIT: Duration = Duration::from_secs(900);
 const REGISTER_WAIT: Duration = Duration::from_secs(300);
@@ -118,6 +125,31 @@ pub(super) fn api_server(ctx: &Context) -> Result<String, StepError> {
 
 struct FetchJoinMaterial;
 
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TokenRecord {
+    /// RFC 3339, as the join service sent it.
+    expires: String,
+}
+
+impl FetchJoinMaterial {
+    /// The bootstrap token on disk is still usable for a while.
+    fn token_fresh(ctx: &Context) -> Result<bool, StepError> {
+        let Some(record) = super::load_record::<TokenRecord>(&ctx.paths.state_file(TOKEN_RECORD))?
+        else {
+            return Ok(false);
+        };
+        let expires = time::OffsetDateTime::parse(
+            &record.expires,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .map_err(|e| StepError::Corrupt {
+            path: ctx.paths.state_file(TOKEN_RECORD),
+            reason: format!("expiry {:?}: {e}", record.expires),
+        })?;
+        Ok(expires - time::OffsetDateTime::now_utc() > TOKEN_MARGIN)
+    }
+}
+
 #[async_trait]
 impl Step for FetchJoinMaterial {
     fn name(&self) -> &'static str {
@@ -127,9 +159,12 @@ impl Step for FetchJoinMaterial {
         "fetch API endpoint, cluster CA and a bootstrap token from a control-plane node's join service; write bootstrap-kubelet.conf"
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
-        // A kubelet with its own certificate needs no token any more.
+        // A kubelet with its own certificate needs no token any more; one
+        // without needs a token that has not expired.
         Ok(joined(ctx)
-            || (ctx.paths.host(BOOTSTRAP_KUBECONFIG).exists() && ctx.paths.host(CA_FILE).exists()))
+            || (ctx.paths.host(BOOTSTRAP_KUBECONFIG).exists()
+                && ctx.paths.host(CA_FILE).exists()
+                && Self::token_fresh(ctx)?))
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         let WorkerMaterial {
@@ -154,6 +189,14 @@ impl Step for FetchJoinMaterial {
             &ctx.paths.host(BOOTSTRAP_KUBECONFIG),
             kubeconfig.as_bytes(),
             SECRET_MODE,
+        )?;
+        // After the kubeconfig: a crash between the two leaves no record,
+        // and the next run fetches again.
+        super::save_record(
+            &ctx.paths.state_file(TOKEN_RECORD),
+            &TokenRecord {
+                expires: token_expires.clone(),
+            },
         )?;
         tracing::info!(%api_server, %token_expires, "join material in place");
         Ok(Outcome::Done)
@@ -557,6 +600,17 @@ async fn allocated_pod_cidr(ctx: &Context) -> Result<ipnet::Ipv4Net, StepError> 
     .await?)
 }
 
+/// Why the built-in pod network is not this node's, `None` when it is.
+fn operator_cni(ctx: &Context) -> Option<String> {
+    match &ctx.config.cluster.networking.cni {
+        crate::config::Cni::BuiltIn => None,
+        crate::config::Cni::Manifest(path) => Some(format!(
+            "the pod network comes from {} (networking.cni.manifest): its installer configures this node",
+            path.display()
+        )),
+    }
+}
+
 fn conflist_path(ctx: &Context) -> PathBuf {
     ctx.paths.host(podnet::CONFLIST_FILE)
 }
@@ -572,6 +626,9 @@ impl Step for PodNetwork {
         "write the bridge + host-local CNI config for the Node's pod CIDR (spec.podCIDR)"
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        if operator_cni(ctx).is_some() {
+            return Ok(false);
+        }
         let Some(text) = super::read_text(&conflist_path(ctx))? else {
             return Ok(false);
         };
@@ -585,6 +642,9 @@ impl Step for PodNetwork {
         })
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        if let Some(why) = operator_cni(ctx) {
+            return Ok(Outcome::Skipped(why));
+        }
         let dirs: Vec<PathBuf> = containerd::CNI_BIN_DIRS
             .iter()
             .map(|d| ctx.paths.host(d))
@@ -620,12 +680,18 @@ impl Step for PodRoutes {
         "install, enable and start cluster-pod-routes.service (routes to every other node's pod CIDR, kept as Nodes come and go)"
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        if operator_cni(ctx).is_some() {
+            return Ok(false);
+        }
         let unit = render_routes_unit(&ctx.paths, &ctx.node, &super::join_service::agent_path()?);
         Ok(services::unit_installed(&ctx.paths, &unit)?
             && services::unit_enabled(&ctx.paths, &unit)
             && ctx.services.state(ROUTES_UNIT).await?.active_state == ActiveState::Active)
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        if let Some(why) = operator_cni(ctx) {
+            return Ok(Outcome::Skipped(why));
+        }
         let unit = render_routes_unit(&ctx.paths, &ctx.node, &super::join_service::agent_path()?);
         let changed = services::install_unit(&ctx.paths, &unit)?;
         ctx.services.daemon_reload().await?;

@@ -46,6 +46,7 @@ fn cluster() -> ClusterConfig {
                 gateway: None,
                 dns_servers: vec![],
                 prefix_length: 24,
+                cni: Default::default(),
             },
             bootstrap: BootstrapSettings {
                 token_ttl: StdDuration::from_secs(3600),

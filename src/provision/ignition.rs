@@ -164,7 +164,15 @@ pub fn render(
             f.bytes.as_slice(),
         )
     }));
-    // Add-ons are applied by masters only.
+    // Every node's configuration names the CNI manifest, so every node
+    // has it; add-ons are applied by masters only.
+    files.extend(sources.cni_manifest.iter().map(|f| {
+        file(
+            etc(&f.path.to_string_lossy()),
+            PUBLIC_MODE,
+            f.bytes.as_slice(),
+        )
+    }));
     if node.is_control_plane() {
         files.extend(sources.manifests.iter().map(|f| {
             file(

@@ -49,12 +49,13 @@ impl Bundle {
     /// Fails on an invalid configuration (every finding) or a missing join
     /// secret, before anything is written.
     pub fn load(config_dir: &Path) -> Result<Bundle, ProvisionError> {
-        let sources = config::read_sources(config_dir)?;
+        let mut sources = config::read_sources(config_dir)?;
         let config = config::parse_sources(config_dir, &sources.cluster_yaml, &sources.node_files)
             .map_err(|report| ConfigError::Invalid {
                 dir: config_dir.to_path_buf(),
                 report,
             })?;
+        sources.read_cni_manifest(config_dir, &config)?;
         let join_secret = ignition::read_join_secret(config_dir)?;
         Ok(Bundle {
             sources,

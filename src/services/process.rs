@@ -485,7 +485,7 @@ impl ServiceManager for ProcessManager {
             if fs::read_link(&link).is_ok_and(|t| t == target) {
                 continue;
             }
-            fs::create_dir_all(&dir).map_err(io("create the .wants directory"))?;
+            fsutil::create_dir_all_durable(&dir).map_err(io("create the .wants directory"))?;
             let _ = fs::remove_file(&link);
             std::os::unix::fs::symlink(&target, &link).map_err(io("create the enable symlink"))?;
             fsutil::sync_dir(&dir).map_err(io("sync the .wants directory"))?;
