@@ -311,6 +311,54 @@ fn monitors_seed_when_the_kubernetes_side_fails() {
     assert_eq!(quorum_names(&status), ["cp-2"], "{status:#}");
 }
 
+/// Storage never waits for Kubernetes: an additional master that is also
+/// the first monitor seeds Ceph while its etcd phase still waits for a
+/// first master that has not booted (phases run side by side), and its
+/// journal shows both at once.
+#[test]
+fn a_master_seeds_ceph_while_its_etcd_waits_for_the_first_master() {
+    require_ceph();
+    let c = Cluster::new(&[
+        ("cp-1", &["control-plane"]),
+        ("cp-2", &["control-plane", "ceph-mon"]),
+    ]);
+    allow_full_disk(&c, "cp-2");
+    let mut run = spawn_run(&c, "cp-2", None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let journal_path = c.state_dir("cp-2").join("journal.json");
+    loop {
+        if journal_path.exists() {
+            let outcome = journal_outcome(&c.journal("cp-2"));
+            let ceph_done = outcome
+                .iter()
+                .filter(|(s, _)| s.starts_with("ceph-"))
+                .all(|(_, st)| st == "done");
+            if ceph_done {
+                let etcd_waiting = outcome
+                    .iter()
+                    .any(|(s, st)| (s == "pki-ca" || s == "etcd-discover") && st == "running");
+                assert!(etcd_waiting, "etcd still waits for cp-1: {outcome:?}");
+                break;
+            }
+        }
+        assert!(
+            run.try_wait().unwrap().is_none(),
+            "the run ended before Ceph was seeded: {}",
+            text(&run.wait_with_output().unwrap())
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Ceph not seeded while etcd waits: {:?}",
+            journal_outcome(&c.journal("cp-2"))
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = ceph_json(&c, "cp-2", &["quorum_status"]);
+    assert_eq!(quorum_names(&status), ["cp-2"], "{status:#}");
+    run.kill().unwrap();
+    run.wait().unwrap();
+}
+
 /// `reset` on a monitor takes it out of the monmap through the quorum
 /// before stopping it; the next `run` brings it back. The last monitor is
 /// not removed without --force.

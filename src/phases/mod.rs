@@ -18,8 +18,8 @@ use crate::role::{CephRole, Role};
 use crate::services::Unit;
 
 /// The plan for a node. Every node runs the `node` phase first; the
-/// Kubernetes and Ceph phases both require only it, so storage never waits
-/// for (or fails with) Kubernetes.
+/// Kubernetes and Ceph phases both require only it and run side by side,
+/// so storage never waits for (or fails with) Kubernetes.
 pub fn build(role: Role, ceph_role: CephRole) -> Plan {
     let control_plane = matches!(role, Role::MasterFirst | Role::MasterAdditional);
     let monitor = ceph_role != CephRole::None;
@@ -30,8 +30,8 @@ pub fn build(role: Role, ceph_role: CephRole) -> Plan {
     if monitor {
         phases.push(ceph::phase());
     }
-    // After etcd and ceph, so that it usually has something to serve when
-    // it starts; it answers "not yet" (503) until then.
+    // It requires only `node` and so starts beside etcd and ceph; it
+    // answers "not yet" (503) for what they have not made yet.
     if control_plane || monitor {
         phases.push(join_service::phase());
     }

@@ -168,14 +168,18 @@ pub async fn gather(global: &GlobalArgs, paths: &HostPaths) -> Result<Report, Cl
         .as_ref()
         .map(|j| j.steps.iter().map(step_view).collect())
         .unwrap_or_default();
+    // Phases run side by side: every running step, in plan order.
     let now = journal.as_ref().and_then(|j| {
-        j.steps
+        let running: Vec<String> = j
+            .steps
             .iter()
-            .find(|s| s.status == StepStatus::Running)
+            .filter(|s| s.status == StepStatus::Running)
             .map(|s| match &s.waiting_for {
                 Some(w) => format!("{} waits for {w}", s.name),
                 None => format!("{} is running", s.name),
             })
+            .collect();
+        (!running.is_empty()).then(|| running.join("; "))
     });
     Ok(Report {
         node: node_name,
