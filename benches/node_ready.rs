@@ -21,8 +21,10 @@
 //!   wiped, and every daemon (etcd, kube-apiserver, controller-manager,
 //!   scheduler, containerd, kubelets) is started at once with exactly the
 //!   command line and environment of the unit the agent rendered, each in
-//!   its node's namespace. Same poller, same criterion. It is a lower bound:
-//!   it does no PKI, no etcd decision, no bootstrap and no ordering.
+//!   its node's namespace, and started again the moment it exits (as
+//!   `Restart=always` without its delay: a kubelet exits while containerd
+//!   is not up yet). Same poller, same criterion. It is a lower bound: it
+//!   does no PKI, no etcd decision, no bootstrap and no ordering.
 //!
 //! The API is asked through the built kubectl every 50 ms, from inside the
 //! master's namespace. `NODE_BENCH_RUNS` (default 3) runs.
@@ -65,8 +67,8 @@ fn main() {
     for run in 0..runs {
         let base = tempfile::tempdir().unwrap();
         let lab = base.path().join("lab");
-        let (ready, up) = agent_cold_start(&lab);
-        let baseline = plain_cold_start(&lab);
+        let (ready, up, uids) = agent_cold_start(&lab);
+        let baseline = plain_cold_start(&lab, &uids);
         lab_down(&lab);
         println!(
             "run {run}: agent {:>7.0} ms to all Ready (lab up exits at {:>7.0} ms) | plain {:>7.0} ms | ratio {:.2}",
@@ -109,8 +111,9 @@ fn netns_arg(node: &str) -> String {
     format!("--net=/run/netns/{NETNS_PREFIX}{node}")
 }
 
-/// Three Nodes, every one Ready, as the admin sees them from the master.
-fn all_ready(lab: &Path) -> bool {
+/// The uids of the three Nodes once every one is Ready, as the admin sees
+/// them from the master; `None` before.
+fn ready_nodes(lab: &Path) -> Option<Vec<String>> {
     let out = Command::new("nsenter")
         .arg(netns_arg("cp-1"))
         .arg("--")
@@ -119,36 +122,57 @@ fn all_ready(lab: &Path) -> bool {
         .arg(node_root(lab, "cp-1").join("var/lib/cluster-state/admin.conf"))
         .args(["get", "nodes", "-o", "json", "--request-timeout=2s"])
         .stderr(Stdio::null())
-        .output();
-    let Ok(out) = out else { return false };
-    let Ok(list) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
-        return false;
-    };
+        .output()
+        .ok()?;
+    let list = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()?;
     let items = list["items"].as_array().cloned().unwrap_or_default();
-    items.len() == NODES.len()
+    let all_ready = items.len() == NODES.len()
         && items.iter().all(|n| {
             n["status"]["conditions"].as_array().is_some_and(|c| {
                 c.iter()
                     .any(|c| c["type"] == "Ready" && c["status"] == "True")
             })
-        })
+        });
+    all_ready.then(|| {
+        items
+            .iter()
+            .map(|n| {
+                n["metadata"]["uid"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect()
+    })
 }
 
-fn wait_all_ready(lab: &Path, started: Instant, what: &str) -> Duration {
-    loop {
-        if all_ready(lab) {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "{what}: the Nodes were not Ready within {DEADLINE:?} (logs under {})",
-            lab.display()
+/// The steps that took longest on any node, from the journals.
+fn slowest_steps(lab: &Path, count: usize) -> String {
+    let mut steps: Vec<(Duration, String)> = Vec::new();
+    for node in NODES {
+        let store = cluster_agent::state::StateStore::new(
+            &node_root(lab, node).join("var/lib/cluster-state"),
         );
-        std::thread::sleep(POLL);
+        let Ok(Some(journal)) = store.load_journal() else {
+            continue;
+        };
+        for step in journal.steps {
+            if let (Some(start), Some(end)) = (step.started_at, step.finished_at) {
+                let took = Duration::try_from(end - start).unwrap_or_default();
+                steps.push((took, format!("{node} {}", step.name)));
+            }
+        }
     }
+    steps.sort_by(|a, b| b.0.cmp(&a.0));
+    steps
+        .iter()
+        .take(count)
+        .map(|(d, s)| format!("{s} {:.0} ms", ms(*d)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-fn agent_cold_start(lab: &Path) -> (Duration, Duration) {
+fn agent_cold_start(lab: &Path) -> (Duration, Duration, Vec<String>) {
     let started = Instant::now();
     let mut up = Command::new(support::AGENT)
         .args([
@@ -166,7 +190,17 @@ fn agent_cold_start(lab: &Path) -> (Duration, Duration) {
         .stderr(Stdio::null())
         .spawn()
         .expect("run cluster-agent lab up");
-    let ready = wait_all_ready(lab, started, "agent");
+    let (ready, uids) = loop {
+        if let Some(uids) = ready_nodes(lab) {
+            break (started.elapsed(), uids);
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "agent: the Nodes were not Ready within {DEADLINE:?} (logs: {}/*/agent.log)",
+            lab.display()
+        );
+        std::thread::sleep(POLL);
+    };
     let status = up.wait().unwrap();
     let exited = started.elapsed();
     assert!(
@@ -174,7 +208,8 @@ fn agent_cold_start(lab: &Path) -> (Duration, Duration) {
         "lab up failed ({status}); see {}/*/agent.log",
         lab.display()
     );
-    (ready, exited)
+    println!("agent: slowest steps: {}", slowest_steps(lab, 6));
+    (ready, exited, uids)
 }
 
 /// Every process the lab's process backend started, by its pid files.
@@ -242,7 +277,11 @@ fn launch(lab: &Path, node: &str, daemon: &str) -> Option<Child> {
     if let Some(file) = &unit.service.environment_file {
         env.extend(read_env_file(file).unwrap());
     }
-    let log = std::fs::File::create(root.join(format!("plain-{daemon}.log"))).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join(format!("plain-{daemon}.log")))
+        .unwrap();
     let child = Command::new("nsenter")
         .arg(netns_arg(node))
         .arg("--")
@@ -261,21 +300,45 @@ fn launch(lab: &Path, node: &str, daemon: &str) -> Option<Child> {
     Some(child)
 }
 
-fn plain_cold_start(lab: &Path) -> Duration {
+/// `before`: the agent's Nodes, which must not count (etcd was wiped, so
+/// every Node the plain run sees Ready registered anew).
+fn plain_cold_start(lab: &Path, before: &[String]) -> Duration {
     kill_lab_daemons(lab);
     wipe_runtime_state(lab);
     let started = Instant::now();
-    let mut children: Vec<Child> = NODES
+    let mut daemons: Vec<(&str, &str, Child)> = NODES
         .iter()
-        .flat_map(|node| DAEMONS.iter().filter_map(move |d| launch(lab, node, d)))
+        .flat_map(|node| {
+            DAEMONS
+                .iter()
+                .filter_map(move |d| launch(lab, node, d).map(|c| (*node, *d, c)))
+        })
         .collect();
     assert_eq!(
-        children.len(),
+        daemons.len(),
         DAEMONS.len() + 2 * 2,
         "every daemon's unit was rendered"
     );
-    let ready = wait_all_ready(lab, started, "plain");
-    for child in &mut children {
+    let mut restarts = 0;
+    let ready = loop {
+        for (node, daemon, child) in &mut daemons {
+            if child.try_wait().unwrap().is_some() {
+                *child = launch(lab, node, daemon).expect("rendered before");
+                restarts += 1;
+            }
+        }
+        if ready_nodes(lab).is_some_and(|uids| uids.iter().all(|u| !before.contains(u))) {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "plain: the Nodes were not Ready within {DEADLINE:?} (logs: {}/*/plain-*.log)",
+            lab.display()
+        );
+        std::thread::sleep(POLL);
+    };
+    println!("plain: {restarts} daemon restart(s) before all Ready");
+    for (_, _, child) in &mut daemons {
         let _ = child.kill();
         let _ = child.wait();
     }
