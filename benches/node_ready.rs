@@ -163,7 +163,7 @@ fn slowest_steps(lab: &Path, count: usize) -> String {
             }
         }
     }
-    steps.sort_by(|a, b| b.0.cmp(&a.0));
+    steps.sort_by_key(|s| std::cmp::Reverse(s.0));
     steps
         .iter()
         .take(count)
