@@ -1,0 +1,232 @@
+//! What the Kubernetes benches share: a `cluster-agent lab up --netns`
+//! cluster, questions asked from inside a node's namespace, and the plain
+//! launcher that starts the daemons from the units the agent rendered.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cluster_agent::services::{parse_unit, unit::read_env_file};
+
+use super::support;
+
+const NETNS_PREFIX: &str = "calab-";
+pub const POLL: Duration = Duration::from_millis(50);
+pub const DEADLINE: Duration = Duration::from_secs(600);
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64()
+}
+
+pub fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+pub fn node_root(lab: &Path, node: &str) -> PathBuf {
+    lab.join(node)
+}
+
+/// The built kubectl as the lab's admin, run in `node`'s namespace.
+pub fn kubectl(lab: &Path, node: &str, args: &[&str]) -> Option<Output> {
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{NETNS_PREFIX}{node}"))
+        .arg("--")
+        .arg(support::built_binary("kubectl"))
+        .arg("--kubeconfig")
+        .arg(node_root(lab, "cp-1").join("var/lib/cluster-state/admin.conf"))
+        .args(args)
+        .arg("--request-timeout=2s")
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+}
+
+/// `cluster-agent lab up --netns` with `args`, from spawn to exit.
+pub fn lab_up(lab: &Path, args: &[&str]) -> Child {
+    Command::new(support::AGENT)
+        .args(["lab", "up", "--netns", "--dir"])
+        .arg(lab)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run cluster-agent lab up")
+}
+
+pub fn lab_down(lab: &Path) {
+    let out = Command::new(support::AGENT)
+        .args(["lab", "down", "--dir"])
+        .arg(lab)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "lab down: {}", support::text(&out));
+}
+
+/// Polls `done` every [`POLL`] until it answers, within [`DEADLINE`].
+pub fn wait<T>(what: &str, started: Instant, mut done: impl FnMut() -> Option<T>) -> (Duration, T) {
+    loop {
+        if let Some(value) = done() {
+            return (started.elapsed(), value);
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "{what}: not within {DEADLINE:?}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// The steps that took longest on `nodes`, from their journals.
+pub fn slowest_steps(lab: &Path, nodes: &[&str], count: usize) -> String {
+    let mut steps: Vec<(Duration, String)> = Vec::new();
+    for node in nodes {
+        let store = cluster_agent::state::StateStore::new(
+            &node_root(lab, node).join("var/lib/cluster-state"),
+        );
+        let Ok(Some(journal)) = store.load_journal() else {
+            continue;
+        };
+        for step in journal.steps {
+            if let (Some(start), Some(end)) = (step.started_at, step.finished_at) {
+                let took = Duration::try_from(end - start).unwrap_or_default();
+                steps.push((took, format!("{node} {}", step.name)));
+            }
+        }
+    }
+    steps.sort_by_key(|s| std::cmp::Reverse(s.0));
+    steps
+        .iter()
+        .take(count)
+        .map(|(d, s)| format!("{s} {:.0} ms", ms(*d)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Kills every process the lab's process backend started on `nodes`, by
+/// their pid files (each leads its own process group).
+pub fn kill_lab_daemons(lab: &Path, nodes: &[&str]) {
+    for node in nodes {
+        let run = node_root(lab, node).join("run/cluster-agent");
+        for entry in std::fs::read_dir(&run).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "pid")
+                && let Some(pid) = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|t| t.split_whitespace().next()?.parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                wait_gone(pid);
+            }
+        }
+    }
+}
+
+fn wait_gone(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // Gone, or a zombie its parent has yet to reap.
+            Err(_) => return,
+            Ok(stat) if stat.split_whitespace().nth(2) == Some("Z") => return,
+            Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// The daemons of a plain launch, each started again the moment it exits
+/// (as `Restart=always` would, without its delay).
+pub struct Plain<'a> {
+    lab: &'a Path,
+    daemons: Vec<(String, String, Child)>,
+    overrides: BTreeMap<String, BTreeMap<String, String>>,
+    pub restarts: usize,
+}
+
+impl<'a> Plain<'a> {
+    /// Starts `daemons` of every node at once; `overrides` replaces
+    /// environment variables of a node's daemons (by node name).
+    pub fn start(
+        lab: &'a Path,
+        daemons: &[(&str, &str)],
+        overrides: BTreeMap<String, BTreeMap<String, String>>,
+    ) -> Plain<'a> {
+        let mut plain = Plain {
+            lab,
+            daemons: Vec::new(),
+            overrides,
+            restarts: 0,
+        };
+        for (node, daemon) in daemons {
+            let child = plain.launch(node, daemon);
+            plain
+                .daemons
+                .push((node.to_string(), daemon.to_string(), child));
+        }
+        plain
+    }
+
+    /// Restarts whatever exited.
+    pub fn tend(&mut self) {
+        for i in 0..self.daemons.len() {
+            if self.daemons[i].2.try_wait().unwrap().is_some() {
+                let (node, daemon) = (self.daemons[i].0.clone(), self.daemons[i].1.clone());
+                self.daemons[i].2 = self.launch(&node, &daemon);
+                self.restarts += 1;
+            }
+        }
+    }
+
+    /// `nsenter` into the node's namespace, then the unit's command line
+    /// with its environment (EnvironmentFile= over Environment=, as
+    /// systemd), then the overrides.
+    fn launch(&self, node: &str, daemon: &str) -> Child {
+        let root = node_root(self.lab, node);
+        let path = root.join(format!("etc/systemd/system/{daemon}.service"));
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{node}: the agent rendered no {daemon} unit: {e}"));
+        let unit = parse_unit(&format!("{daemon}.service"), &text, &path).unwrap();
+        let mut env = unit.service.environment.clone();
+        if let Some(file) = &unit.service.environment_file {
+            env.extend(read_env_file(file).unwrap());
+        }
+        env.extend(self.overrides.get(node).cloned().unwrap_or_default());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.join(format!("plain-{daemon}.log")))
+            .unwrap();
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{NETNS_PREFIX}{node}"))
+            .arg("--")
+            .args(&unit.service.exec_start)
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {daemon} on {node}: {e}"))
+    }
+}
+
+impl Drop for Plain<'_> {
+    fn drop(&mut self) {
+        for (_, _, child) in &mut self.daemons {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
