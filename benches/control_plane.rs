@@ -10,7 +10,8 @@
 //! ```
 //!
 //! * **agent**: `lab up` spawned → the first master's kube-apiserver
-//!   answers `/readyz`, and → the third master's does. In between: PKI,
+//!   answers `/readyz`, and → all three masters' do (the last of them is
+//!   the third master to be ready, whichever it is). In between: PKI,
 //!   etcd founded by the first and joined as learners, promoted, by the
 //!   others, the CA material through the join service, every component.
 //! * **plain**: a static bootstrap, as a script does it: the certificates
@@ -59,7 +60,7 @@ fn main() {
         let (plain_first, plain_third) = plain_cold_start(&dir);
         lab::lab_down(&dir);
         println!(
-            "run {run}: first master ready: agent {:>6.0} ms, plain {:>6.0} ms ({:.2}) | third: agent {:>6.0} ms, plain {:>6.0} ms ({:.2})",
+            "run {run}: first master ready: agent {:>6.0} ms, plain {:>6.0} ms ({:.2}) | all three: agent {:>6.0} ms, plain {:>6.0} ms ({:.2})",
             ms(first),
             ms(plain_first),
             ratio(first, plain_first),
@@ -73,7 +74,7 @@ fn main() {
     let verdict = |r: f64| if r <= 1.1 { "met" } else { "not met" };
     for (what, agent, plain) in [
         ("first master's /readyz", column(0), column(1)),
-        ("third master's /readyz", column(2), column(3)),
+        ("all three masters' /readyz", column(2), column(3)),
     ] {
         println!(
             "median {what}: agent {:>6.0} ms  plain {:>6.0} ms  ratio {:.2} (target ≤ 1.10: {})",
@@ -108,6 +109,10 @@ fn ready(dir: &Path, node: &str) -> Option<()> {
     (out.status.success() && out.stdout == b"ok").then_some(())
 }
 
+fn all_ready(dir: &Path) -> Option<()> {
+    MASTERS.iter().try_for_each(|m| ready(dir, m))
+}
+
 fn agent_cold_start(dir: &Path) -> (Duration, Duration) {
     let started = Instant::now();
     let mut up = lab::lab_up(
@@ -115,7 +120,7 @@ fn agent_cold_start(dir: &Path) -> (Duration, Duration) {
         &["--masters", "3", "--workers", "0", "--ceph-mons", "0"],
     );
     let (first, ()) = lab::wait("agent: cp-1's /readyz", started, || ready(dir, "cp-1"));
-    let (third, ()) = lab::wait("agent: cp-3's /readyz", started, || ready(dir, "cp-3"));
+    let (third, ()) = lab::wait("agent: every master's /readyz", started, || all_ready(dir));
     let status = up.wait().unwrap();
     assert!(
         status.success(),
@@ -173,9 +178,9 @@ fn plain_cold_start(dir: &Path) -> (Duration, Duration) {
         plain.tend();
         ready(dir, "cp-1")
     });
-    let (third, ()) = lab::wait("plain: cp-3's /readyz", started, || {
+    let (third, ()) = lab::wait("plain: every master's /readyz", started, || {
         plain.tend();
-        ready(dir, "cp-3")
+        all_ready(dir)
     });
     println!("plain: {} daemon restart(s)", plain.restarts);
     (first, third)
