@@ -427,3 +427,61 @@ fn a_data_dir_of_another_member_stops_the_agent_with_a_reset_hint() {
     assert!(stderr.contains("cluster-agent reset"), "{stderr}");
     assert!(stderr.contains("1234abcd"), "{stderr}");
 }
+
+/// A joiner whose etcd never starts after its learner was added (its node
+/// died right after `member add`) holds etcd's one learner slot; the next
+/// joiner waits, and says for whom: its journal names the blocking
+/// member, that it never started, and how to remove it. Removing it lets
+/// the joiner through.
+#[test]
+fn a_joiner_behind_a_dead_learner_names_it_and_goes_on_once_it_is_removed() {
+    let c = masters();
+    run_ok(&c, "cp-1");
+    let died = spawn_run(&c, "cp-2", Some("etcd-member-add:after"))
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(died.status.signal(), Some(SIGABRT), "{}", text(&died));
+    let stuck = members(&c, "cp-1")
+        .into_iter()
+        .find(|m| m.learner)
+        .expect("cp-2's learner is in the member list");
+    assert!(!stuck.started);
+
+    let mut joiner = spawn_run(&c, "cp-3", None);
+    let waiting_for = || {
+        c.journal("cp-3")["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "etcd-member-add")
+            .map(|s| s["waiting_for"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    wait_started(&c, "cp-3");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !waiting_for().contains("one learner at a time") {
+        assert!(
+            joiner.try_wait().unwrap().is_none(),
+            "cp-3 gave up instead of waiting"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "cp-3 waits silently: {:?}",
+            waiting_for()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let said = waiting_for();
+    for part in [
+        stuck.id.as_str(),
+        "a node that has not started its etcd",
+        "etcdctl member remove",
+    ] {
+        assert!(said.contains(part), "{part}: {said}");
+    }
+
+    let removed = etcdctl(&c, "cp-1", &["member", "remove", &stuck.id]);
+    assert!(removed.status.success(), "{}", text(&removed));
+    finish("cp-3", joiner);
+    assert_converged(&c, &["cp-1", "cp-3"]);
+}

@@ -49,6 +49,11 @@ impl EtcdError {
         text.contains("can only promote a learner member") && !text.contains("in sync")
     }
 
+    /// The one-learner limit: another node's learner is not promoted yet.
+    pub fn is_too_many_learners(&self) -> bool {
+        self.to_string().contains("too many learner members")
+    }
+
     /// The strict reconfiguration check's refusal: the leader does not
     /// (yet) see every voter connected.
     pub fn is_unhealthy_cluster(&self) -> bool {

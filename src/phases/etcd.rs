@@ -329,6 +329,14 @@ async fn add_learner(
         let mut asked = lock(state).0.clone();
         let result = asked.add_learner(peer_url).await;
         if let Err(e) = &result
+            && e.is_too_many_learners()
+            && let Ok(now) = asked.members().await
+        {
+            // Say whose learner blocks this one: the journal and `status`
+            // show it, so an operator can tell a slow joiner from a dead one.
+            ctx.progress.waiting(&blocking_learners(&now));
+        }
+        if let Err(e) = &result
             && e.is_unhealthy_cluster()
         {
             let next = {
@@ -355,6 +363,35 @@ async fn add_learner(
         result
     })
     .await
+}
+
+/// What a joiner waits for while etcd refuses a second learner.
+fn blocking_learners(members: &[Member]) -> String {
+    let learners: Vec<String> = members
+        .iter()
+        .filter(|m| m.is_learner)
+        .map(|m| {
+            let who = if m.started() {
+                format!("{} (started, not yet promoted)", m.name)
+            } else {
+                "a node that has not started its etcd".to_string()
+            };
+            format!(
+                "member {} at {}, {who}",
+                member_id_hex(m.id),
+                m.peer_urls.join(",")
+            )
+        })
+        .collect();
+    format!(
+        "another joiner's learner to be promoted (etcd admits one learner at a time): {}; \
+         if its node is gone for good, remove it with `etcdctl member remove <id>`",
+        if learners.is_empty() {
+            "none listed any more".to_string()
+        } else {
+            learners.join("; ")
+        }
+    )
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
