@@ -491,9 +491,12 @@ async fn down(dir: &Path) -> Result<i32, CliError> {
         {
             eprintln!("{}: stopping pods: {e}", node.name);
         }
-        for unit in crate::services::agent_units(&paths)? {
-            if let Err(e) = services.stop(&unit.name).await {
-                eprintln!("{}: stopping {}: {e}", node.name, unit.name);
+        // In reset's order: a unit before those it needs, so etcd outlives
+        // the API server (which otherwise sits out its stop timeout).
+        let units = crate::services::agent_units(&paths)?;
+        for unit in super::reset::stop_order(&units) {
+            if let Err(e) = services.stop(&unit).await {
+                eprintln!("{}: stopping {unit}: {e}", node.name);
             }
         }
     }

@@ -507,7 +507,7 @@ fn decide_leave(
 
 /// Units nothing else installed depends on are stopped first, so etcd goes
 /// after whatever (kube-apiserver) needs it.
-fn stop_order(units: &[Unit]) -> Vec<String> {
+pub(super) fn stop_order(units: &[Unit]) -> Vec<String> {
     let mut left: Vec<&Unit> = units.iter().collect();
     let mut order = Vec::new();
     while !left.is_empty() {

@@ -305,6 +305,37 @@ impl Cluster {
         }
     }
 
+    /// Every agent process whose command line names this cluster's
+    /// directory (`run`s a test spawned and did not wait for); the
+    /// long-running ones under the process backend have pid files and go
+    /// with the daemons.
+    fn kill_agents(&self) {
+        let dir = self.dir.path().to_string_lossy().into_owned();
+        let me = std::process::id();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let is_agent_run = words.first().is_some_and(|w| w.ends_with(b"cluster-agent"))
+                && words.iter().any(|w| *w == b"run")
+                && words
+                    .iter()
+                    .any(|w| String::from_utf8_lossy(w).starts_with(&dir));
+            if pid != me && is_agent_run {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
     /// Pods outlive containerd and its shims' parents: stop the kubelet
     /// (it would restart them), then remove every pod through the CRI.
     fn stop_pods(&self, node: &str) {
@@ -442,6 +473,9 @@ fn kill_pid_file(path: &Path) {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // First the agents a failed test left running: they would go on
+        // starting daemons after the cleanup below.
+        self.kill_agents();
         for node in &self.nodes {
             self.stop_pods(&node.name);
         }
