@@ -998,19 +998,27 @@ fn reset_worker_and_rejoin(c: &Cluster, worker: &str) {
         &format!("{other} to route to {worker}'s pods again"),
         || pod_routes(c, other).len() == routes_before,
     );
-    let node: serde_json::Value = serde_json::from_str(&kubectl(
+    let (ready, node) = node_ready(c, worker);
+    assert!(ready, "{worker} Ready again: {node:#}");
+}
+
+/// Whether `node`'s Ready condition is True, and the Node as the admin
+/// sees it.
+fn node_ready(c: &Cluster, node: &str) -> (bool, serde_json::Value) {
+    let object: serde_json::Value = serde_json::from_str(&kubectl(
         c,
         "cp-1",
         &admin(c),
-        &["get", "node", worker, "-o", "json"],
+        &["get", "node", node, "-o", "json"],
     ))
     .unwrap();
-    let ready = node["status"]["conditions"]
+    let ready = object["status"]["conditions"]
         .as_array()
-        .unwrap()
-        .iter()
-        .any(|c| c["type"] == "Ready" && c["status"] == "True");
-    assert!(ready, "{worker} Ready again: {node:#}");
+        .is_some_and(|all| {
+            all.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        });
+    (ready, object)
 }
 
 /// After interrupted runs and re-runs: every step done, one Node, no
@@ -1196,19 +1204,8 @@ fn an_operator_cni_manifest_replaces_the_built_in_network() {
         );
     }
     for node in ["cp-1", "w-1"] {
-        let node_json: serde_json::Value = serde_json::from_str(&kubectl(
-            &c,
-            "cp-1",
-            &admin(&c),
-            &["get", "node", node, "-o", "json"],
-        ))
-        .unwrap();
-        let ready = node_json["status"]["conditions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True");
-        assert!(ready, "{node} Ready on the operator's CNI");
+        let (ready, object) = node_ready(&c, node);
+        assert!(ready, "{node} Ready on the operator's CNI: {object:#}");
     }
 }
 
