@@ -1520,4 +1520,18 @@ fn renewed_certificates_restart_the_components_that_read_them() {
         served.contains(first),
         "the new certificate is served: {served}"
     );
+
+    // A restart owed when a run died between rewriting the kubelet's
+    // inputs and restarting it is made by the next run, though the files
+    // already look right.
+    let kubelet = unit_pid(&c, "cp-1", "kubelet.service");
+    let due = c.state_dir("cp-1").join("kubelet-restart-due");
+    std::fs::write(&due, "").unwrap();
+    run_ok(&c, "cp-1");
+    assert_ne!(
+        unit_pid(&c, "cp-1", "kubelet.service"),
+        kubelet,
+        "kubelet restarted"
+    );
+    assert!(!due.exists(), "the owed restart is forgotten once made");
 }

@@ -21,11 +21,12 @@ use crate::wait::{self, Backoff, Poll};
 pub const PHASE: &str = "container-runtime";
 /// The unit a kubelet unit orders itself `After=` and `Requires=`.
 pub const UNIT: &str = "containerd.service";
-/// Written before the config or the unit changes, removed once containerd
-/// serves with them: a crash between the write and the restart still
-/// leaves the restart due, so a running containerd never keeps an old
-/// config because the file already looks right.
-pub const RESTART_DUE: &str = "containerd-restart-due";
+/// Marked before the config or the unit changes, cleared once containerd
+/// serves with them (`containerd-restart-due` in the state dir): a crash
+/// between the write and the restart still leaves the restart due, so a
+/// running containerd never keeps an old config because the file already
+/// looks right.
+const RESTART: super::RestartDue = super::RestartDue("containerd");
 /// containerd is ready in seconds; the first start also creates its
 /// databases.
 const READY_WAIT: Duration = Duration::from_secs(120);
@@ -110,27 +111,6 @@ fn render_config(ctx: &Context) -> Result<String, StepError> {
         }
     })?;
     Ok(containerd::render_config(&inputs))
-}
-
-fn restart_due(ctx: &Context) -> std::path::PathBuf {
-    ctx.paths.state_file(RESTART_DUE)
-}
-
-fn mark_restart_due(ctx: &Context) -> Result<(), StepError> {
-    fsutil::write_atomic(&restart_due(ctx), b"", PUBLIC_MODE)?;
-    Ok(())
-}
-
-fn clear_restart_due(ctx: &Context) -> Result<(), StepError> {
-    let path = restart_due(ctx);
-    match std::fs::remove_file(&path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StepError::Precondition(
-            format!("cannot remove {}: {e}", path.display()),
-        )),
-        // Not fsynced: a marker that comes back after a power cut costs one
-        // more restart, never a missed one.
-        _ => Ok(()),
-    }
 }
 
 /// `containerd --version` → its major version (`containerd
@@ -226,7 +206,7 @@ impl Step for Config {
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         let text = render_config(ctx)?;
-        mark_restart_due(ctx)?;
+        RESTART.mark(ctx)?;
         fsutil::write_atomic(
             &ctx.paths.host(containerd::CONFIG_FILE),
             text.as_bytes(),
@@ -254,7 +234,7 @@ impl Step for UnitConfig {
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         let unit = render_unit(&ctx.paths);
         if !services::unit_installed(&ctx.paths, &unit)? {
-            mark_restart_due(ctx)?;
+            RESTART.mark(ctx)?;
             services::install_unit(&ctx.paths, &unit)?;
         }
         ctx.services.daemon_reload().await?;
@@ -282,7 +262,7 @@ impl Step for Start {
         "start containerd (restart it when its config or unit changed) and wait until the CRI answers Version"
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
-        if restart_due(ctx).exists() {
+        if RESTART.pending(ctx) {
             return Ok(false);
         }
         let socket = containerd::cri_socket(&ctx.paths);
@@ -294,7 +274,7 @@ impl Step for Start {
         let socket = containerd::cri_socket(&ctx.paths);
         let what = format!("the CRI to answer on {}", socket.display());
         let running = ctx.services.state(UNIT).await?.active_state == ActiveState::Active;
-        let version = if running && restart_due(ctx).exists() {
+        let version = if running && RESTART.pending(ctx) {
             // Running with an older config or unit: pick the new ones up.
             ctx.services.restart(UNIT).await?;
             ctx.progress.waiting(&what);
@@ -302,7 +282,7 @@ impl Step for Start {
         } else {
             super::start_until_ready(ctx, UNIT, &what, READY_WAIT, || probe(&socket)).await?
         };
-        clear_restart_due(ctx)?;
+        RESTART.clear(ctx)?;
         tracing::info!(
             runtime = %version.runtime_name,
             version = %version.runtime_version,

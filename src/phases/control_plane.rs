@@ -406,6 +406,9 @@ impl Step for UnitConfig {
         "install and enable the kube-apiserver, kube-controller-manager and kube-scheduler units"
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        if COMPONENTS.iter().any(|c| super::RestartDue(c).pending(ctx)) {
+            return Ok(false);
+        }
         for unit in render_units(&ctx.paths, &ctx.config, &ctx.node) {
             if !(services::unit_installed(&ctx.paths, &unit)?
                 && services::unit_enabled(&ctx.paths, &unit))
@@ -416,23 +419,25 @@ impl Step for UnitConfig {
         Ok(true)
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
-        let mut changed = Vec::new();
         for unit in render_units(&ctx.paths, &ctx.config, &ctx.node) {
-            if services::install_unit(&ctx.paths, &unit)? {
-                changed.push(unit.name.clone());
+            if !services::unit_installed(&ctx.paths, &unit)? {
+                // Owed before the unit changes: a component already running
+                // with other flags or inputs must pick the new ones up, even
+                // when this run dies before restarting it.
+                if let Some(component) = COMPONENTS
+                    .iter()
+                    .find(|c| format!("{c}.service") == unit.name)
+                {
+                    super::RestartDue(component).mark(ctx)?;
+                }
+                services::install_unit(&ctx.paths, &unit)?;
             }
         }
         ctx.services.daemon_reload().await?;
         for name in COMPONENTS {
             let unit = format!("{name}.service");
             ctx.services.enable(&unit).await?;
-            // A component already running with other flags must pick the
-            // new ones up.
-            if changed.contains(&unit)
-                && ctx.services.state(&unit).await?.active_state == ActiveState::Active
-            {
-                ctx.services.restart(&unit).await?;
-            }
+            super::RestartDue(name).settle(ctx, &unit).await?;
         }
         Ok(Outcome::Done)
     }

@@ -34,6 +34,9 @@ pub const CONFIG_FILE: &str = "/var/lib/kube-proxy/config.json";
 /// A worker's requested certificate and its key.
 const CERT_FILE: &str = "/var/lib/kube-proxy/pki/kube-proxy.crt";
 const KEY_FILE: &str = "/var/lib/kube-proxy/pki/kube-proxy.key";
+/// Marked before kube-proxy's config or unit changes, cleared once the
+/// running kube-proxy was restarted on them.
+const RESTART: super::RestartDue = super::RestartDue("kube-proxy");
 pub const HEALTHZ_PORT: u16 = 10256;
 pub const METRICS_PORT: u16 = 10249;
 /// The approver acts within a second and the signer at once; longer means
@@ -257,8 +260,9 @@ impl Step for Config {
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
         let unit = render_unit(&ctx.paths);
-        Ok(super::read_text(&ctx.paths.host(CONFIG_FILE))?.as_deref()
-            == Some(render_config(ctx).as_str())
+        Ok(!RESTART.pending(ctx)
+            && super::read_text(&ctx.paths.host(CONFIG_FILE))?.as_deref()
+                == Some(render_config(ctx).as_str())
             && services::unit_installed(&ctx.paths, &unit)?
             && services::unit_enabled(&ctx.paths, &unit))
     }
@@ -270,18 +274,18 @@ impl Step for Config {
                 ctx.paths.host(KUBECONFIG).display()
             )));
         }
-        fsutil::write_atomic(
-            &ctx.paths.host(CONFIG_FILE),
-            render_config(ctx).as_bytes(),
-            PUBLIC_MODE,
-        )?;
+        let config = render_config(ctx);
+        let config_changes =
+            super::read_text(&ctx.paths.host(CONFIG_FILE))?.as_deref() != Some(config.as_str());
+        if config_changes || !services::unit_installed(&ctx.paths, &render_unit(&ctx.paths))? {
+            RESTART.mark(ctx)?;
+        }
+        fsutil::write_atomic(&ctx.paths.host(CONFIG_FILE), config.as_bytes(), PUBLIC_MODE)?;
         let unit = render_unit(&ctx.paths);
-        let changed = services::install_unit(&ctx.paths, &unit)?;
+        services::install_unit(&ctx.paths, &unit)?;
         ctx.services.daemon_reload().await?;
         ctx.services.enable(&unit.name).await?;
-        if changed && ctx.services.state(UNIT).await?.active_state == ActiveState::Active {
-            ctx.services.restart(UNIT).await?;
-        }
+        RESTART.settle(ctx, UNIT).await?;
         Ok(Outcome::Done)
     }
 }

@@ -45,6 +45,9 @@ pub const ROOT_DIR: &str = "/var/lib/kubelet";
 pub const CONFIG_FILE: &str = "/var/lib/kubelet/config.yaml";
 pub const CERT_DIR: &str = "/var/lib/kubelet/pki";
 pub const CLIENT_CERT: &str = "/var/lib/kubelet/pki/kubelet-client-current.pem";
+/// Marked before the kubelet's config or unit changes, cleared once the
+/// running kubelet was restarted on them.
+const RESTART: super::RestartDue = super::RestartDue("kubelet");
 /// When the bootstrap token in `bootstrap-kubelet.conf` expires (RFC 3339),
 /// in the state dir: a token that expired before the kubelet used it is
 /// replaced, not kept for good.
@@ -457,27 +460,30 @@ impl Step for KubeletConfig {
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
         let unit = render_kubelet_unit(&ctx.paths, &ctx.node);
-        Ok(super::read_text(&ctx.paths.host(CONFIG_FILE))?.as_deref()
-            == Some(render_kubelet_config(ctx).as_str())
+        Ok(!RESTART.pending(ctx)
+            && super::read_text(&ctx.paths.host(CONFIG_FILE))?.as_deref()
+                == Some(render_kubelet_config(ctx).as_str())
             && services::unit_installed(&ctx.paths, &unit)?
             && services::unit_enabled(&ctx.paths, &unit))
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         kubelet_binary(ctx)?;
-        fsutil::write_atomic(
-            &ctx.paths.host(CONFIG_FILE),
-            render_kubelet_config(ctx).as_bytes(),
-            PUBLIC_MODE,
-        )?;
-        let unit = render_kubelet_unit(&ctx.paths, &ctx.node);
-        let changed = services::install_unit(&ctx.paths, &unit)?;
-        ctx.services.daemon_reload().await?;
-        ctx.services.enable(&unit.name).await?;
+        let config = render_kubelet_config(ctx);
         // The unit carries the digest of its inputs: a kubelet running with
         // an older config or certificate picks up the new ones.
-        if changed && ctx.services.state(UNIT).await?.active_state == ActiveState::Active {
-            ctx.services.restart(UNIT).await?;
+        let config_changes =
+            super::read_text(&ctx.paths.host(CONFIG_FILE))?.as_deref() != Some(config.as_str());
+        if config_changes
+            || !services::unit_installed(&ctx.paths, &render_kubelet_unit(&ctx.paths, &ctx.node))?
+        {
+            RESTART.mark(ctx)?;
         }
+        fsutil::write_atomic(&ctx.paths.host(CONFIG_FILE), config.as_bytes(), PUBLIC_MODE)?;
+        let unit = render_kubelet_unit(&ctx.paths, &ctx.node);
+        services::install_unit(&ctx.paths, &unit)?;
+        ctx.services.daemon_reload().await?;
+        ctx.services.enable(&unit.name).await?;
+        RESTART.settle(ctx, UNIT).await?;
         Ok(Outcome::Done)
     }
 }

@@ -152,6 +152,58 @@ where
     }
 }
 
+/// A restart owed to a unit whose inputs (config, unit file,
+/// certificates) were rewritten while it ran: a marker in the state dir,
+/// written before the inputs and removed once the unit runs on them, so a
+/// crash in between cannot leave it running on the old ones for good (the
+/// next run would find the files current and restart nothing).
+pub(crate) struct RestartDue(pub &'static str);
+
+impl RestartDue {
+    fn path(&self, ctx: &crate::engine::Context) -> std::path::PathBuf {
+        ctx.paths.state_file(&format!("{}-restart-due", self.0))
+    }
+
+    pub fn mark(&self, ctx: &crate::engine::Context) -> Result<(), crate::engine::StepError> {
+        crate::fsutil::write_atomic(&self.path(ctx), b"", crate::fsutil::PUBLIC_MODE)?;
+        Ok(())
+    }
+
+    pub fn pending(&self, ctx: &crate::engine::Context) -> bool {
+        self.path(ctx).exists()
+    }
+
+    pub fn clear(&self, ctx: &crate::engine::Context) -> Result<(), crate::engine::StepError> {
+        let path = self.path(ctx);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(crate::engine::StepError::Precondition(format!(
+                    "cannot remove {}: {e}",
+                    path.display()
+                )))
+            }
+            // Not fsynced: a marker that comes back after a power cut costs
+            // one more restart, never a missed one.
+            _ => Ok(()),
+        }
+    }
+
+    /// Restarts `unit` if a restart is due and it runs (one that does not
+    /// run starts on the new inputs anyway), then forgets the restart.
+    pub async fn settle(
+        &self,
+        ctx: &crate::engine::Context,
+        unit: &str,
+    ) -> Result<(), crate::engine::StepError> {
+        if self.pending(ctx)
+            && ctx.services.state(unit).await?.active_state == crate::services::ActiveState::Active
+        {
+            ctx.services.restart(unit).await?;
+        }
+        self.clear(ctx)
+    }
+}
+
 /// A file's text, `None` when it does not exist.
 pub(crate) fn read_text(
     path: &std::path::Path,
