@@ -42,16 +42,9 @@ const MASTERS: [&str; 3] = ["cp-1", "cp-2", "cp-3"];
 const ETCD_ENV: &str = "etc/etcd/etcd.env";
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!(
-            "control_plane: run with `cargo bench --bench control_plane` (root, .ci/setup's binaries)"
-        );
+    let Some(runs) = lab::runs("control_plane", "CONTROL_PLANE_BENCH_RUNS") else {
         return;
-    }
-    let runs: usize = std::env::var("CONTROL_PLANE_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    };
     let mut results: Vec<[Duration; 4]> = Vec::new();
     for run in 0..runs {
         let base = tempfile::tempdir().unwrap();

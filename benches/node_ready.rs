@@ -54,16 +54,9 @@ const MASTER_DAEMONS: [&str; 6] = [
 const WORKER_DAEMONS: [&str; 2] = ["containerd", "kubelet"];
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!(
-            "node_ready: run with `cargo bench --bench node_ready` (root, .ci/setup's binaries)"
-        );
+    let Some(runs) = lab::runs("node_ready", "NODE_BENCH_RUNS") else {
         return;
-    }
-    let runs: usize = std::env::var("NODE_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    };
     let (mut agent, mut plain) = (Vec::new(), Vec::new());
     for run in 0..runs {
         let base = tempfile::tempdir().unwrap();

@@ -552,6 +552,17 @@ fn pod_manifest(name: &str, node: Option<&str>, command: &[&str]) -> String {
     .to_string()
 }
 
+/// What the client pod (on w-2) fetches from `url`. busybox's wget: no
+/// -T (Debian's 1.35 segfaults with it).
+fn wget_from_client(c: &Cluster, url: &str) -> String {
+    kubectl(
+        c,
+        "cp-1",
+        &admin(c),
+        &["exec", "client", "--", "wget", "-q", "-O", "-", url],
+    )
+}
+
 /// Real pods on the built-in network: an HTTP server on w-1 answers a
 /// client on w-2 by pod IP, routed (not translated) between the nodes by
 /// the agent's host-gateway routes; pods the scheduler places land on
@@ -627,15 +638,12 @@ fn assert_pods_talk_across_nodes(c: &Cluster) {
             .to_string();
         assert!(WORKERS.contains(&node.as_str()), "anywhere-{i} on {node}");
     }
-    // busybox's wget: no -T (Debian's 1.35 segfaults with it).
     let url = format!("http://{server_ip}:8080/");
-    let answer = kubectl(
-        c,
-        "cp-1",
-        &admin(c),
-        &["exec", "client", "--", "wget", "-q", "-O", "-", &url],
+    assert_eq!(
+        wget_from_client(c, &url).trim(),
+        "hello from server",
+        "{url}"
     );
-    assert_eq!(answer.trim(), "hello from server", "{url}");
     // Each worker's routes lead to the other nodes' pod ranges.
     for w in WORKERS {
         let routes = pod_routes(c, w);
@@ -686,13 +694,11 @@ fn assert_service_answers_across_nodes(c: &Cluster) {
         );
     }
     let url = format!("http://{cluster_ip}/");
-    let from_pod = kubectl(
-        c,
-        "cp-1",
-        &admin(c),
-        &["exec", "client", "--", "wget", "-q", "-O", "-", &url],
+    assert_eq!(
+        wget_from_client(c, &url).trim(),
+        "hello from server",
+        "{url} from a pod"
     );
-    assert_eq!(from_pod.trim(), "hello from server", "{url} from a pod");
     let busybox = support::require_tool("busybox", "busybox-static");
     for node in ["w-2", "cp-2"] {
         let out = c

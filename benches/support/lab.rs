@@ -15,6 +15,21 @@ const NETNS_PREFIX: &str = "calab-";
 pub const POLL: Duration = Duration::from_millis(50);
 pub const DEADLINE: Duration = Duration::from_secs(600);
 
+/// How many runs a bench makes (`env`, default 3), or `None` when cargo
+/// merely builds or lists benches (no `--bench` argument).
+pub fn runs(bench: &str, env: &str) -> Option<usize> {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("{bench}: run with `cargo bench --bench {bench}` (root, .ci/setup's binaries)");
+        return None;
+    }
+    Some(
+        std::env::var(env)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3),
+    )
+}
+
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }

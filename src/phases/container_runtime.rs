@@ -116,14 +116,7 @@ fn render_config(ctx: &Context) -> Result<String, StepError> {
 /// `containerd --version` → its major version (`containerd
 /// github.com/containerd/containerd/v2 v2.2.9 <commit>` → 2).
 async fn major_version(binary: &Path) -> Result<u64, StepError> {
-    let out = tokio::process::Command::new(binary)
-        .arg("--version")
-        .output()
-        .await
-        .map_err(|e| {
-            StepError::Precondition(format!("cannot run {} --version: {e}", binary.display()))
-        })?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = super::version_output(binary).await?;
     text.split_whitespace()
         .filter_map(|w| w.strip_prefix('v'))
         .find_map(|v| v.split('.').next()?.parse().ok())

@@ -208,14 +208,7 @@ impl Step for FetchJoinMaterial {
 
 /// `kubelet --version` → `v1.31.0`.
 async fn kubelet_version(binary: &std::path::Path) -> Result<String, StepError> {
-    let out = tokio::process::Command::new(binary)
-        .arg("--version")
-        .output()
-        .await
-        .map_err(|e| {
-            StepError::Precondition(format!("cannot run {} --version: {e}", binary.display()))
-        })?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = super::version_output(binary).await?;
     text.split_whitespace()
         .find(|w| k8s::minor_version(w).is_some())
         .map(str::to_string)

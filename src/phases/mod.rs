@@ -204,6 +204,24 @@ impl RestartDue {
     }
 }
 
+/// What `binary --version` prints on stdout: how the binary steps learn
+/// an image's versions.
+pub(crate) async fn version_output(
+    binary: &std::path::Path,
+) -> Result<String, crate::engine::StepError> {
+    let out = tokio::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .await
+        .map_err(|e| {
+            crate::engine::StepError::Precondition(format!(
+                "cannot run {} --version: {e}",
+                binary.display()
+            ))
+        })?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// A file's text, `None` when it does not exist.
 pub(crate) fn read_text(
     path: &std::path::Path,
