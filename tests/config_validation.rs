@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use cluster_agent::config::{
     self, BootstrapSettings, CephNetworks, ClusterConfig, ClusterSettings, ConfigError,
-    ContainerdSettings, Endpoint, EtcdSettings, ImageReference, MacAddr, Networking, NodeRole,
-    NodeSpec, Severity, ValidationReport,
+    ContainerdSettings, Endpoint, EtcdSettings, ImageReference, KubeletSettings, MacAddr,
+    Networking, NodeRole, NodeSpec, Severity, ValidationReport,
 };
 
 fn fixture(case: &str) -> PathBuf {
@@ -114,6 +114,11 @@ fn valid_full_config_loads_exactly() {
                 )
                 .unwrap(),
             },
+            kubelet: KubeletSettings {
+                eviction_hard: [("memory.available", "500Mi"), ("nodefs.available", "5%")]
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .into(),
+            },
             ceph: Some(CephNetworks {
                 public_network: "192.168.0.0/23".parse().unwrap(),
                 cluster_network: "10.10.0.0/24".parse().unwrap(),
@@ -159,6 +164,8 @@ fn minimal_config_gets_defaults() {
             containerd: ContainerdSettings {
                 sandbox_image: ImageReference::parse("registry.k8s.io/pause:3.10.1").unwrap(),
             },
+            // The kubelet's own eviction defaults.
+            kubelet: KubeletSettings::default(),
             ceph: None,
         },
         nodes: vec![
@@ -453,6 +460,19 @@ fn sandbox_image_must_be_an_image_reference() {
         "bad-sandbox-image",
         &[
             "cluster.yaml:4:20: cluster.containerd.sandbox_image: \"registry.k8s.io/Pause:3.10\" is not an image reference (path components are lower-case letters and digits joined by `.`, `_`, `__` or `-`; expected e.g. registry.k8s.io/pause:3.10.1)",
+        ],
+    );
+}
+
+#[test]
+fn eviction_thresholds_are_signals_and_kubelet_thresholds() {
+    assert_errors(
+        "bad-eviction-thresholds",
+        &[
+            "cluster.yaml:5:25: cluster.kubelet.eviction_hard.nodefs.available: \"110%\" is more than 100%",
+            "cluster.yaml:6:25: cluster.kubelet.eviction_hard.memory.available: \"0Mi\": a quantity threshold must be positive (use 0% to turn the signal off)",
+            "cluster.yaml:7:7: cluster.kubelet.eviction_hard.imagefs.availabel: unknown field `imagefs.availabel`, did you mean `imagefs.available`?",
+            "cluster.yaml:8:22: cluster.kubelet.eviction_hard.pid.available: \"lots\" is not an eviction threshold (expected a percentage such as 10% or 0% to turn the signal off, or a quantity such as 500Mi)",
         ],
     );
 }

@@ -842,6 +842,26 @@ fn assert_manifests_applied(c: &Cluster, master: &str) {
     );
 }
 
+/// The kubelet runs cluster.yaml's `eviction_hard` over its own defaults:
+/// the disk signals the tests turn off, the memory one still the default.
+fn assert_eviction_thresholds(c: &Cluster, node: &str) {
+    let configz: serde_json::Value = serde_json::from_str(&kubectl(
+        c,
+        "cp-1",
+        &admin(c),
+        &[
+            "get",
+            "--raw",
+            &format!("/api/v1/nodes/{node}/proxy/configz"),
+        ],
+    ))
+    .unwrap();
+    let hard = &configz["kubeletconfig"]["evictionHard"];
+    assert_eq!(hard["nodefs.available"], "0%", "{configz}");
+    assert_eq!(hard["imagefs.available"], "0%", "{configz}");
+    assert_eq!(hard["memory.available"], "100Mi", "{configz}");
+}
+
 #[test]
 fn three_masters_and_two_workers_join_from_cold() {
     let c = rack();
@@ -871,6 +891,7 @@ fn three_masters_and_two_workers_join_from_cold() {
         .unwrap();
         assert_eq!(node["status"]["nodeInfo"]["kubeletVersion"], VERSION);
     }
+    assert_eviction_thresholds(&c, "w-2");
     let minted = names(&tokens(&c));
 
     // Re-runs change nothing and create nothing: every master again, now

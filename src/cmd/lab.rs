@@ -115,8 +115,9 @@ fn cluster_yaml(nodes: &[LabNode], netns: bool) -> String {
     let net = if netns { BRIDGE_NET } else { LOOPBACK_NET };
     let prefix = format!("{}.{}.{}", net[0], net[1], net[2]);
     let mut yaml = format!(
-        "# Written by `cluster-agent lab up`.\ncluster:\n  name: {LAB_CLUSTER}\n  control_plane_endpoint: {}:6443\n  networking:\n    prefix_length: 24\n  ceph:\n    public_network: {prefix}.0/24\nnodes:\n",
-        nodes[0].ip
+        "# Written by `cluster-agent lab up`.\ncluster:\n  name: {LAB_CLUSTER}\n  control_plane_endpoint: {}:6443\n  networking:\n    prefix_length: 24\n  kubelet:\n    eviction_hard: {{{}}}\n  ceph:\n    public_network: {prefix}.0/24\nnodes:\n",
+        nodes[0].ip,
+        crate::config::SHARED_DISK_EVICTION_HARD,
     );
     for n in nodes {
         yaml.push_str(&format!(

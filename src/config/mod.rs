@@ -53,6 +53,7 @@ pub struct ClusterSettings {
     pub bootstrap: BootstrapSettings,
     pub etcd: EtcdSettings,
     pub containerd: ContainerdSettings,
+    pub kubelet: KubeletSettings,
     /// `None` when cluster.yaml has no `ceph:` section (then no node may carry
     /// the ceph-mon role).
     pub ceph: Option<CephNetworks>,
@@ -110,6 +111,20 @@ pub struct EtcdSettings {
 pub struct ContainerdSettings {
     /// The pod sandbox ("pause") image: the one image every pod needs.
     pub sandbox_image: ImageReference,
+}
+
+/// `cluster.kubelet.eviction_hard` (a YAML flow mapping's inside) for nodes
+/// that share one disk, as in `lab up` and the tests: its free space is the
+/// host's, which no node's eviction can restore, so the disk signals are off.
+pub const SHARED_DISK_EVICTION_HARD: &str =
+    "nodefs.available: 0%, nodefs.inodesFree: 0%, imagefs.available: 0%, imagefs.inodesFree: 0%";
+
+/// What every node's kubelet is told beyond what the agent derives.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct KubeletSettings {
+    /// Hard eviction thresholds by signal (`nodefs.available` → `10%`);
+    /// signals not listed keep the kubelet's defaults.
+    pub eviction_hard: std::collections::BTreeMap<String, String>,
 }
 
 /// An OCI image reference (`[host[:port]/]path[:tag][@digest]`), checked

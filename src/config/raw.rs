@@ -22,6 +22,7 @@ pub const CLUSTER_KEYS: &[&str] = &[
     "bootstrap",
     "etcd",
     "containerd",
+    "kubelet",
     "ceph",
 ];
 pub const NETWORKING_KEYS: &[&str] = &[
@@ -37,6 +38,20 @@ pub const CNI_KEYS: &[&str] = &["manifest"];
 pub const BOOTSTRAP_KEYS: &[&str] = &["token_ttl", "join_port"];
 pub const ETCD_KEYS: &[&str] = &["client_port", "peer_port"];
 pub const CONTAINERD_KEYS: &[&str] = &["sandbox_image"];
+pub const KUBELET_KEYS: &[&str] = &["eviction_hard"];
+/// The kubelet's eviction signals (`pkg/kubelet/eviction/api`), the keys of
+/// `kubelet.eviction_hard`.
+pub const EVICTION_SIGNALS: &[&str] = &[
+    "memory.available",
+    "nodefs.available",
+    "nodefs.inodesFree",
+    "imagefs.available",
+    "imagefs.inodesFree",
+    "containerfs.available",
+    "containerfs.inodesFree",
+    "allocatableMemory.available",
+    "pid.available",
+];
 pub const CEPH_KEYS: &[&str] = &["public_network", "cluster_network"];
 pub const NODE_KEYS: &[&str] = &["name", "hostname", "ip", "roles", "mac_addresses"];
 pub const NODE_FILE_ROOT_KEYS: &[&str] = &["node"];
@@ -135,6 +150,7 @@ pub struct RawCluster {
     pub bootstrap: Option<RawBootstrap>,
     pub etcd: Option<RawEtcd>,
     pub containerd: Option<RawContainerd>,
+    pub kubelet: Option<RawKubelet>,
     pub ceph: Option<RawCeph>,
 }
 
@@ -170,6 +186,12 @@ pub struct RawEtcd {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawContainerd {
     pub sandbox_image: Option<Val>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawKubelet {
+    /// `(signal, threshold)`, in the order of [`EVICTION_SIGNALS`].
+    pub eviction_hard: Vec<(String, Val)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -445,6 +467,21 @@ impl Walker<'_> {
             .map(|c| RawContainerd {
                 sandbox_image: self.scalar_field(&c, "sandbox_image"),
             });
+        let kubelet = self.sub_map(&f, "kubelet", KUBELET_KEYS).map(|k| {
+            let eviction_hard = self
+                .sub_map(&k, "eviction_hard", EVICTION_SIGNALS)
+                .map(|e| {
+                    EVICTION_SIGNALS
+                        .iter()
+                        .filter_map(|signal| {
+                            let threshold = self.scalar_field(&e, signal)?;
+                            Some((signal.to_string(), threshold))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            RawKubelet { eviction_hard }
+        });
         let ceph = self.sub_map(&f, "ceph", CEPH_KEYS).map(|c| RawCeph {
             public_network: self.required_scalar(&c, "public_network"),
             cluster_network: self.scalar_field(&c, "cluster_network"),
@@ -458,6 +495,7 @@ impl Walker<'_> {
             bootstrap,
             etcd,
             containerd,
+            kubelet,
             ceph,
             loc: f.loc,
         })
@@ -583,6 +621,8 @@ mod tests {
             BOOTSTRAP_KEYS,
             ETCD_KEYS,
             CONTAINERD_KEYS,
+            KUBELET_KEYS,
+            EVICTION_SIGNALS,
             CEPH_KEYS,
             NODE_KEYS,
             NODE_FILE_ROOT_KEYS,

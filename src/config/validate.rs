@@ -172,6 +172,7 @@ struct PartialSettings {
     bootstrap: BootstrapSettings,
     etcd: EtcdSettings,
     containerd: ContainerdSettings,
+    kubelet: super::KubeletSettings,
     ceph: Option<CephNetworks>,
     /// Where pod_cidr was set; `None` for the default.
     pod_cidr_loc: Option<Loc>,
@@ -206,6 +207,7 @@ impl PartialSettings {
             bootstrap: self.bootstrap,
             etcd: self.etcd,
             containerd: self.containerd,
+            kubelet: self.kubelet,
             ceph: self.ceph,
         })
     }
@@ -482,6 +484,16 @@ impl Validator<'_> {
             |v| ImageReference::parse(&v.text),
         );
 
+        let eviction_hard = raw
+            .kubelet
+            .iter()
+            .flat_map(|k| &k.eviction_hard)
+            .filter_map(|(signal, threshold)| {
+                let at = self.parse(threshold, |v| values::eviction_threshold(&v.text))?;
+                Some((signal.clone(), at.value))
+            })
+            .collect();
+
         let ceph = raw.ceph.as_ref().and_then(|c| {
             let public = self.opt(c.public_network.as_ref(), |v| values::cidr(&v.text));
             let cluster = self.opt(c.cluster_network.as_ref(), |v| values::cidr(&v.text));
@@ -516,6 +528,7 @@ impl Validator<'_> {
                 peer_port,
             },
             containerd: ContainerdSettings { sandbox_image },
+            kubelet: super::KubeletSettings { eviction_hard },
             ceph,
             pod_cidr_loc: pod_loc,
             cni_manifest,

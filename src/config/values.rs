@@ -79,6 +79,46 @@ pub fn prefix_length(text: &str, plain: bool) -> Result<u8, String> {
 
 /// `30m`, `24h`, `7d`, `1h30m`: number+unit pairs, units d/h/m/s, each at
 /// most once and largest first (so `1h30m` is fine, `30m1h` a typo).
+/// A kubelet eviction threshold as the kubelet parses it
+/// (`pkg/kubelet/eviction`): a percentage from 0% to 100% (0% turns the
+/// signal off), or a positive quantity such as `100Mi` or `1000`.
+pub fn eviction_threshold(text: &str) -> Result<String, String> {
+    let bad = || {
+        format!(
+            "{text:?} is not an eviction threshold (expected a percentage such as 10% or 0% \
+             to turn the signal off, or a quantity such as 500Mi)"
+        )
+    };
+    let decimal = |number: &str| -> Option<f64> {
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, "0"));
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        (digits(whole) && digits(fraction))
+            .then(|| number.parse().ok())
+            .flatten()
+    };
+    if let Some(number) = text.strip_suffix('%') {
+        let percent = decimal(number).ok_or_else(bad)?;
+        if percent > 100.0 {
+            return Err(format!("{text:?} is more than 100%"));
+        }
+        return Ok(text.to_owned());
+    }
+    const SUFFIXES: &[&str] = &[
+        "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "k", "M", "G", "T", "P", "E",
+    ];
+    let number = SUFFIXES
+        .iter()
+        .find_map(|suffix| text.strip_suffix(suffix))
+        .unwrap_or(text);
+    let amount = decimal(number).ok_or_else(bad)?;
+    if amount == 0.0 {
+        return Err(format!(
+            "{text:?}: a quantity threshold must be positive (use 0% to turn the signal off)"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
 pub fn duration(text: &str) -> Result<Duration, String> {
     let bad = || format!("{text:?} is not a duration (expected e.g. 30m, 24h, 7d, 1h30m)");
     if text.is_empty() {

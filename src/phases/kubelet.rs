@@ -326,7 +326,8 @@ fn skew_allowed(kubelet: &str, cluster: &str, source: &str) -> Result<(), String
 /// The kubelet's configuration file (`KubeletConfiguration`, JSON being
 /// YAML): cluster DNS at the tenth service IP as kubeadm does, client CA,
 /// certificate rotation and serving certificates through CSRs, containerd's
-/// CRI socket and the cgroup driver containerd was configured with. Its
+/// CRI socket and the cgroup driver containerd was configured with, and the
+/// operator's hard eviction thresholds over the kubelet's defaults. Its
 /// endpoints listen on the node's own address, so several nodes can share
 /// one machine's loopback in tests and the lab.
 pub fn render_kubelet_config(ctx: &Context) -> String {
@@ -353,6 +354,12 @@ pub fn render_kubelet_config(ctx: &Context) -> String {
     });
     if let Some(root) = containerd::pod_cgroup_root(&ctx.paths, &ctx.node.name) {
         config["cgroupRoot"] = root.into();
+    }
+    let eviction_hard = &ctx.config.cluster.kubelet.eviction_hard;
+    if !eviction_hard.is_empty() {
+        config["evictionHard"] = serde_json::json!(eviction_hard);
+        // Without it, every signal not listed would drop to 0 (off).
+        config["mergeDefaultEvictionSettings"] = true.into();
     }
     serde_json::to_string_pretty(&config).expect("serialisable") + "\n"
 }

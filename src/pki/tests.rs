@@ -60,6 +60,7 @@ fn cluster() -> ClusterConfig {
                 sandbox_image: crate::config::ImageReference::parse("registry.k8s.io/pause:3.10.1")
                     .unwrap(),
             },
+            kubelet: Default::default(),
             ceph: None,
         },
         nodes: vec![

@@ -496,8 +496,9 @@ impl Drop for Cluster {
 /// advance, like containers).
 pub fn cluster_yaml(nodes: &[NodeDef], prefix: &str, macs: bool) -> String {
     let mut yaml = format!(
-        "cluster:\n  name: test\n  control_plane_endpoint: {}:6443\n  networking:\n    prefix_length: 24\n    gateway: {prefix}.1\n    dns_servers: [{prefix}.1]\n  ceph:\n    public_network: {prefix}.0/24\n    cluster_network: {prefix}.0/24\nnodes:\n",
-        nodes[0].ip
+        "cluster:\n  name: test\n  control_plane_endpoint: {}:6443\n  networking:\n    prefix_length: 24\n    gateway: {prefix}.1\n    dns_servers: [{prefix}.1]\n  kubelet:\n    eviction_hard: {{{}}}\n  ceph:\n    public_network: {prefix}.0/24\n    cluster_network: {prefix}.0/24\nnodes:\n",
+        nodes[0].ip,
+        cluster_agent::config::SHARED_DISK_EVICTION_HARD,
     );
     for n in nodes {
         yaml.push_str(&format!(
