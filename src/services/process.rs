@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,6 +26,11 @@ use crate::paths::HostPaths;
 use crate::wait::{Backoff, Poll, poll_until};
 
 const PID_DIR: &str = "/run/cluster-agent";
+/// Every daemon starts as `sh -c GATE_SCRIPT PROGRAM ARGS…`, which execs
+/// PROGRAM (same pid) once the agent has recorded that pid and written a
+/// line to its stdin, and exits if the agent died first (end of file).
+const GATE_SHELL: &str = "/bin/sh";
+const GATE_SCRIPT: &str = r#"read -r _ || exit 125; exec "$0" "$@" </dev/null"#;
 const LOG_DIR: &str = "/var/log/cluster-agent";
 /// systemd's default PATH for services; the rest of the agent's own
 /// environment is not passed on, as under systemd.
@@ -185,12 +189,22 @@ impl ProcessManager {
             .map_err(io_err("duplicate the log file", &log_path))?;
 
         let argv = &unit.service.exec_start;
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
+        let spawn_error = |source| ServicesError::Spawn {
+            unit: name.clone(),
+            program: argv[0].clone(),
+            source,
+        };
+        // The shell only execs it: say what is wrong with the program here.
+        nix::unistd::access(Path::new(&argv[0]), nix::unistd::AccessFlags::X_OK)
+            .map_err(|e| spawn_error(std::io::Error::from(e)))?;
+        let (gate, open_gate) = std::io::pipe().map_err(spawn_error)?;
+        let mut cmd = Command::new(GATE_SHELL);
+        cmd.args(["-c", GATE_SCRIPT])
+            .args(argv)
             .env_clear()
             .envs(self.environment(unit)?)
             .envs(notify_socket.map(|s| ("NOTIFY_SOCKET", s)))
-            .stdin(Stdio::null())
+            .stdin(gate)
             .stdout(log)
             .stderr(stderr);
         if let Some(dir) = &unit.service.working_directory {
@@ -218,11 +232,7 @@ impl ProcessManager {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|source| ServicesError::Spawn {
-            unit: name.clone(),
-            program: argv[0].clone(),
-            source,
-        })?;
+        let child = cmd.spawn().map_err(spawn_error)?;
         let pid = child.id().unwrap_or_default();
         let start_time = start_time(pid).unwrap_or_default();
         let tracked = Tracked { pid, start_time };
@@ -231,6 +241,16 @@ impl ProcessManager {
             format!("{pid} {start_time}\n").as_bytes(),
             PUBLIC_MODE,
         )?;
+        // Only now may the daemon run: an agent killed before this line
+        // leaves the gate closed, and the shell exits instead of leaving a
+        // daemon no pid file knows (a second etcd then waits forever for
+        // the first one's data-dir lock).
+        let mut open_gate = open_gate;
+        std::io::Write::write_all(&mut open_gate, b"go\n").map_err(|source| ServicesError::Io {
+            what: "let the daemon start".into(),
+            path: self.pid_file(name),
+            source,
+        })?;
         Ok((child, tracked, log_start))
     }
 
@@ -558,5 +578,32 @@ mod tests {
             pid: 0,
             start_time: 0
         }));
+    }
+
+    /// The gate execs the program in its own pid once told to, and runs
+    /// nothing when the agent is gone before it could say so.
+    #[test]
+    fn the_gate_runs_the_daemon_only_once_opened() {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let gated = || {
+            let mut cmd = Command::new(GATE_SHELL);
+            cmd.args(["-c", GATE_SCRIPT, "/bin/sh", "-c", "echo $$"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped());
+            cmd
+        };
+        let mut opened = gated().spawn().unwrap();
+        opened.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let pid = opened.id();
+        let out = opened.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), pid.to_string());
+
+        let mut abandoned = gated().spawn().unwrap();
+        drop(abandoned.stdin.take());
+        let out = abandoned.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(125));
+        assert!(out.stdout.is_empty(), "{out:?}");
     }
 }
