@@ -197,7 +197,8 @@ impl ProcessManager {
         // The shell only execs it: say what is wrong with the program here.
         nix::unistd::access(Path::new(&argv[0]), nix::unistd::AccessFlags::X_OK)
             .map_err(|e| spawn_error(std::io::Error::from(e)))?;
-        let (gate, open_gate) = std::io::pipe().map_err(spawn_error)?;
+        let (gate, open_gate) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| spawn_error(std::io::Error::from(e)))?;
         let mut cmd = Command::new(GATE_SHELL);
         cmd.args(["-c", GATE_SCRIPT])
             .args(argv)
@@ -245,7 +246,7 @@ impl ProcessManager {
         // leaves the gate closed, and the shell exits instead of leaving a
         // daemon no pid file knows (a second etcd then waits forever for
         // the first one's data-dir lock).
-        let mut open_gate = open_gate;
+        let mut open_gate = std::fs::File::from(open_gate);
         std::io::Write::write_all(&mut open_gate, b"go\n").map_err(|source| ServicesError::Io {
             what: "let the daemon start".into(),
             path: self.pid_file(name),
