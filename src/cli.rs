@@ -73,6 +73,10 @@ pub enum Command {
     /// Keep a route to every other node's pod CIDR and the pods' egress NAT
     /// (the long-running cluster-pod-routes.service on Kubernetes nodes)
     PodRoutes,
+    /// Forward the node's API traffic to the control-plane API servers that
+    /// pass their health checks (the long-running cluster-api-balancer.service
+    /// on Kubernetes nodes)
+    ApiBalancer,
     /// Render provisioning data from the config dir: Ignition configs, Matchbox data
     #[command(subcommand)]
     Render(RenderCommand),

@@ -1,6 +1,7 @@
 //! cluster-agent: turns freshly booted bare-metal machines into a Kubernetes
 //! cluster with a Ceph monitor quorum, crash-safely and without a human.
 
+pub mod balancer;
 pub mod ceph;
 pub mod config;
 pub mod containerd;

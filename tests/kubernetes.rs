@@ -44,8 +44,9 @@ const NODE_BINARIES: [&str; 4] = [
 /// A worker's steps that always apply on a fresh join, in the order it runs
 /// them. Not the binary checks (they find their binaries and apply
 /// nothing), nor `node-ready` (the Node may be Ready before it runs).
-const WORKER_STEPS: [&str; 9] = [
+const WORKER_STEPS: [&str; 10] = [
     "worker-join-material",
+    "api-balancer",
     "kubelet-version-skew",
     "kubelet-config",
     "kubelet-start",
@@ -569,9 +570,7 @@ fn wget_from_client(c: &Cluster, url: &str) -> String {
 /// workers only (the masters' taint).
 fn assert_pods_talk_across_nodes(c: &Cluster) {
     let work = tempfile::tempdir().unwrap();
-    for w in WORKERS {
-        support::oci::import_for_node(&c.root(w), &work.path().join(w));
-    }
+    import_test_images(c, work.path());
     let serve = "mkdir -p /www && echo hello from $(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www";
     kubectl_stdin(
         c,
@@ -862,8 +861,8 @@ fn assert_eviction_thresholds(c: &Cluster, node: &str) {
     assert_eq!(hard["memory.available"], "100Mi", "{configz}");
 }
 
-#[test]
-fn three_masters_and_two_workers_join_from_cold() {
+/// [`rack`], every node's first run started at once and finished.
+fn rack_from_cold() -> Cluster {
     let c = rack();
     let children: Vec<_> = WORKERS
         .iter()
@@ -873,6 +872,19 @@ fn three_masters_and_two_workers_join_from_cold() {
     for (node, child) in children {
         finish(node, child);
     }
+    c
+}
+
+/// The test images into both workers' containerd (no registry here).
+fn import_test_images(c: &Cluster, work: &Path) {
+    for w in WORKERS {
+        support::oci::import_for_node(&c.root(w), &work.join(w));
+    }
+}
+
+#[test]
+fn three_masters_and_two_workers_join_from_cold() {
+    let c = rack_from_cold();
     assert_joined(&c, &MASTERS, &WORKERS);
     let kubelets: Vec<&str> = MASTERS.iter().chain(&WORKERS).copied().collect();
     assert_serving_certificates_approved(&c, &kubelets);
@@ -906,6 +918,241 @@ fn three_masters_and_two_workers_join_from_cold() {
 }
 
 /// The agent's routes on `node` (proto 201), one line each.
+/// `node`'s API balancer's view of the API server at `ip`: its state.
+fn balancer_state(c: &Cluster, node: &str, ip: &str) -> String {
+    let path = c.root(node).join("run/cluster-agent/api-balancer.json");
+    let Ok(bytes) = std::fs::read(&path) else {
+        return "no view".into();
+    };
+    let view: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    view["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == format!("{ip}:6443"))
+        .map_or("absent".into(), |b| {
+            b["state"].as_str().unwrap().to_string()
+        })
+}
+
+fn node_ip(c: &Cluster, node: &str) -> String {
+    c.nodes
+        .iter()
+        .find(|n| n.name == node)
+        .unwrap()
+        .ip
+        .to_string()
+}
+
+/// The admin's kubeconfig aimed at `node`'s API balancer, to be used from
+/// inside that node's network.
+fn admin_via_balancer(c: &Cluster, node: &str) -> PathBuf {
+    let text = std::fs::read_to_string(admin(c)).unwrap();
+    let endpoint = format!("server: https://{}:6443", node_ip(c, "cp-1"));
+    assert!(text.contains(&endpoint), "{text}");
+    let path = c.root(node).join("admin-via-balancer.conf");
+    std::fs::write(
+        &path,
+        text.replace(&endpoint, "server: https://127.0.0.1:7445"),
+    )
+    .unwrap();
+    path
+}
+
+/// kubectl as the admin through `node`'s balancer; `Err` with its output
+/// when it fails.
+fn kubectl_via(c: &Cluster, node: &str, args: &[&str]) -> Result<String, String> {
+    let out = c
+        .command_on(node, built_binary("kubectl"))
+        .arg("--kubeconfig")
+        .arg(admin_via_balancer(c, node))
+        .arg("--request-timeout=10s")
+        .args(args)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(text(&out))
+    }
+}
+
+/// Both workers' Node leases are renewed after this moment (their kubelets
+/// reach the API), and their Nodes are Ready.
+fn assert_workers_keep_the_api(c: &Cluster, what: &str) {
+    let renewed = |w: &str| {
+        kubectl_via(
+            c,
+            "w-1",
+            &[
+                "get",
+                "lease",
+                "-n",
+                "kube-node-lease",
+                w,
+                "-o",
+                "jsonpath={.spec.renewTime}",
+            ],
+        )
+        .unwrap_or_default()
+    };
+    let before: Vec<String> = WORKERS.iter().map(|w| renewed(w)).collect();
+    for (w, before) in WORKERS.iter().zip(before) {
+        wait_for(&format!("{w}'s kubelet to renew its lease {what}"), || {
+            renewed(w) > before
+        });
+        let node: serde_json::Value = serde_json::from_str(
+            &kubectl_via(c, "w-1", &["get", "node", w, "-o", "json"]).unwrap(),
+        )
+        .unwrap();
+        let ready = node["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        assert!(ready, "{w} not Ready {what}: {node}");
+    }
+}
+
+/// A new pod on `node`, created through w-1's balancer, scheduled and
+/// started.
+fn assert_new_pod_runs(c: &Cluster, name: &str, node: &str) {
+    let manifest = pod_manifest(name, Some(node), &["sleep", "3600"]);
+    let manifest_path = c.root("w-1").join(format!("{name}.json"));
+    std::fs::write(&manifest_path, manifest).unwrap();
+    let path = manifest_path.to_string_lossy().into_owned();
+    wait_for(&format!("pod {name} to be created"), || {
+        kubectl_via(c, "w-1", &["apply", "-f", &path]).is_ok()
+    });
+    let waited = kubectl_via(
+        c,
+        "w-1",
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "--timeout=110s",
+            &format!("pod/{name}"),
+        ],
+    );
+    assert!(waited.is_ok(), "pod {name} on {node}: {waited:?}");
+}
+
+fn ip_in(c: &Cluster, node: &str, args: &[&str]) {
+    let out = c.command_on(node, "ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?} on {node}: {}",
+        text(&out)
+    );
+}
+
+/// Every node reaches the API through its own balancer, so losing a master
+/// costs nothing: cp-1's API server stops, then cp-1 loses power (its link
+/// goes silent, every daemon dies), and the workers' kubelets go on
+/// renewing their leases, their Nodes stay Ready and new pods start, all
+/// through the balancer; cp-1 comes back and is taken in again. A master
+/// whose API server answers but is not ready (its etcd stopped) gets no
+/// request; with every API server down a client gets a clear error, and
+/// traffic resumes by itself when one returns.
+#[test]
+fn the_nodes_keep_the_api_when_a_master_goes() {
+    let c = rack_from_cold();
+    let images = tempfile::tempdir().unwrap();
+    import_test_images(&c, images.path());
+    let [cp1, cp2, _] = MASTERS.map(|m| node_ip(&c, m));
+    for n in MASTERS.iter().chain(&WORKERS) {
+        for m in MASTERS {
+            let ip = node_ip(&c, m);
+            wait_for(&format!("{n}'s balancer to take {m} in"), || {
+                balancer_state(&c, n, &ip) == "ready"
+            });
+        }
+    }
+
+    c.stop_unit("cp-1", "kube-apiserver.service");
+    for w in WORKERS {
+        wait_for(&format!("{w}'s balancer to take cp-1 out"), || {
+            balancer_state(&c, w, &cp1) == "unreachable"
+        });
+    }
+    assert_workers_keep_the_api(&c, "with cp-1's API server stopped");
+    assert_new_pod_runs(&c, "after-apiserver-stop", "w-2");
+
+    // A power cut: no RST ever comes back from cp-1.
+    ip_in(&c, "cp-1", &["link", "set", "eth0", "down"]);
+    c.kill_daemons("cp-1");
+    assert_workers_keep_the_api(&c, "with cp-1 powered off");
+    assert_new_pod_runs(&c, "after-power-cut", "w-1");
+
+    ip_in(&c, "cp-1", &["link", "set", "eth0", "up"]);
+    // The link going down took the default route (the Service range's).
+    ip_in(&c, "cp-1", &["route", "replace", "default", "dev", "eth0"]);
+    run_ok(&c, "cp-1");
+    for w in WORKERS {
+        wait_for(&format!("{w}'s balancer to take cp-1 back"), || {
+            balancer_state(&c, w, &cp1) == "ready"
+        });
+    }
+
+    // cp-2's API server without its etcd answers /readyz with 500.
+    c.stop_unit("cp-2", "etcd.service");
+    wait_for("w-1's balancer to see cp-2 not ready", || {
+        balancer_state(&c, "w-1", &cp2) == "not-ready"
+    });
+    for i in 0..30 {
+        let read = kubectl_via(
+            &c,
+            "w-1",
+            &["get", "--raw", "/api/v1/namespaces/default/pods"],
+        );
+        assert!(read.is_ok(), "read {i} through w-1's balancer: {read:?}");
+    }
+    run_ok(&c, "cp-2");
+
+    for m in MASTERS {
+        c.stop_unit(m, "kube-apiserver.service");
+    }
+    wait_for("w-1's balancer to find no API server", || {
+        MASTERS
+            .iter()
+            .all(|m| balancer_state(&c, "w-1", &node_ip(&c, m)) == "unreachable")
+    });
+    let refused = kubectl_via(&c, "w-1", &["get", "--raw", "/readyz"]).unwrap_err();
+    // The balancer closes what it cannot forward; its view says why.
+    assert!(
+        refused.contains("Unable to connect to the server"),
+        "{refused}"
+    );
+    let status = c.run("w-1", &["status", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let section = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "api-balancer")
+        .unwrap()
+        .clone();
+    assert_eq!(section["health"], "failed", "{section}");
+    assert!(
+        section["summary"]
+            .as_str()
+            .unwrap()
+            .contains("sends to 0 of 3 API servers"),
+        "{section}"
+    );
+    for backend in section["data"]["backends"].as_array().unwrap() {
+        assert_eq!(backend["state"], "unreachable", "{section}");
+        assert!(
+            backend["reason"].as_str().is_some_and(|r| !r.is_empty()),
+            "{section}"
+        );
+    }
+    run_ok(&c, "cp-3");
+    wait_for("traffic through w-1's balancer to resume", || {
+        kubectl_via(&c, "w-1", &["get", "--raw", "/readyz"]).is_ok()
+    });
+}
+
 fn pod_routes(c: &Cluster, node: &str) -> Vec<String> {
     let out = c
         .command_on(node, "ip")

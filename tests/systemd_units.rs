@@ -181,7 +181,18 @@ fn rendered_units_pass_verify() {
         for node in &config.nodes {
             let units = phases::rendered_units(&paths, config, node);
             for unit in &units {
-                root.add(&unit.name, &unit.render().unwrap(), true);
+                let text = unit.render().unwrap();
+                // The process backend reads the same file back.
+                let parsed =
+                    cluster_agent::services::parse_unit(&unit.name, &text, Path::new(&unit.name))
+                        .unwrap_or_else(|e| panic!("{} node {}: {e}", dir.display(), node.name));
+                assert_eq!(
+                    parsed.render().unwrap(),
+                    text,
+                    "{} does not read back as rendered",
+                    unit.name
+                );
+                root.add(&unit.name, &text, true);
             }
             let names: Vec<&str> = units.iter().map(|u| u.name.as_str()).collect();
             if !names.is_empty() {
@@ -233,6 +244,31 @@ fn join_unit_exposure_stays_low() {
     let (ok, text) = root.analyze(
         &["security", "--offline=yes", "--threshold=25", "--no-pager"],
         &["cluster-join.service"],
+    );
+    assert!(ok, "exposure above 2.5:\n{text}");
+}
+
+/// The API balancer carries every node's API traffic and holds no
+/// capability: keep it sandboxed as tightly as the join service.
+#[test]
+fn api_balancer_unit_exposure_stays_low() {
+    let root = VerifyRoot::new();
+    let paths = HostPaths::new(Path::new("/"), None, None);
+    let (_, config) = valid_configs().into_iter().next().unwrap();
+    let worker = config
+        .nodes
+        .iter()
+        .find(|n| !n.is_control_plane())
+        .or(config.nodes.first())
+        .unwrap();
+    let unit = phases::rendered_units(&paths, &config, worker)
+        .into_iter()
+        .find(|u| u.name == phases::api_balancer::UNIT)
+        .expect("every Kubernetes node renders the balancer");
+    root.add(&unit.name, &unit.render().unwrap(), true);
+    let (ok, text) = root.analyze(
+        &["security", "--offline=yes", "--threshold=25", "--no-pager"],
+        &[&unit.name],
     );
     assert!(ok, "exposure above 2.5:\n{text}");
 }

@@ -1,6 +1,7 @@
 //! What the Kubernetes benches share: a `cluster-agent lab up --netns`
 //! cluster, questions asked from inside a node's namespace, and the plain
 //! launcher that starts the daemons from the units the agent rendered.
+#![allow(dead_code)] // each bench uses a different part of it
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use cluster_agent::services::{parse_unit, unit::read_env_file};
 
 use super::support;
 
-const NETNS_PREFIX: &str = "calab-";
+pub const NETNS_PREFIX: &str = "calab-";
 pub const POLL: Duration = Duration::from_millis(50);
 pub const DEADLINE: Duration = Duration::from_secs(600);
 

@@ -1,6 +1,7 @@
 //! One module per subcommand. Each returns a [`CliError`] whose kind picks
 //! the documented exit code.
 
+mod api_balancer;
 mod gen_join_secret;
 pub mod lab;
 mod plan;
@@ -99,6 +100,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::GenJoinSecret(args) => gen_join_secret::gen_join_secret(&paths, args),
         Command::ServeJoin(args) => serve_join::serve_join(global, &paths, args).await,
         Command::PodRoutes => pod_routes::pod_routes(global, &paths).await,
+        Command::ApiBalancer => api_balancer::api_balancer(global, &paths).await,
         Command::Render(command) => render::render(global, &paths, command),
         Command::Lab(command) => lab::lab(command).await,
     };

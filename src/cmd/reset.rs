@@ -218,6 +218,7 @@ pub async fn plan(
             crate::phases::control_plane::SCHEDULER_CONF,
             crate::podnet::CONFLIST_FILE,
             crate::podnet::IPAM_DIR,
+            crate::balancer::VIEW_FILE,
         ]
         .map(|p| paths.host(p)),
     );

@@ -113,6 +113,11 @@ pub async fn client_with_timeouts(
 
 /// An HTTPS client that trusts exactly the cluster CA, on ring.
 fn pinned(ca_pem: &str) -> Result<reqwest::Client, String> {
+    pinned_client(ca_pem, PROBE_TIMEOUT)
+}
+
+/// The same with a deadline of the caller's for every request.
+pub fn pinned_client(ca_pem: &str, timeout: Duration) -> Result<reqwest::Client, String> {
     let mut roots = rustls::RootCertStore::empty();
     let certs: Vec<_> = rustls::pki_types::pem::PemObject::pem_slice_iter(ca_pem.as_bytes())
         .collect::<Result<_, _>>()
@@ -120,11 +125,11 @@ fn pinned(ca_pem: &str) -> Result<reqwest::Client, String> {
     for cert in certs {
         roots.add(cert).map_err(|e| e.to_string())?;
     }
-    trusting(roots)
+    trusting(roots, timeout)
 }
 
 /// A client trusting `roots` alone (none: plain HTTP only).
-fn trusting(roots: rustls::RootCertStore) -> Result<reqwest::Client, String> {
+fn trusting(roots: rustls::RootCertStore, timeout: Duration) -> Result<reqwest::Client, String> {
     let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -134,7 +139,7 @@ fn trusting(roots: rustls::RootCertStore) -> Result<reqwest::Client, String> {
     .with_no_client_auth();
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
-        .timeout(PROBE_TIMEOUT)
+        .timeout(timeout)
         .build()
         .map_err(|e| e.to_string())
 }
@@ -154,9 +159,11 @@ pub async fn readyz(server: &str, ca_pem: &str) -> Result<(), K8sError> {
 /// `GET url` over plain HTTP answers 2xx: the health endpoints node
 /// daemons (kube-proxy's `/healthz`) serve without TLS.
 pub async fn http_ok(url: &str) -> Result<(), K8sError> {
-    let client = trusting(rustls::RootCertStore::empty()).map_err(|reason| K8sError::Probe {
-        url: url.to_string(),
-        reason,
+    let client = trusting(rustls::RootCertStore::empty(), PROBE_TIMEOUT).map_err(|reason| {
+        K8sError::Probe {
+            url: url.to_string(),
+            reason,
+        }
     })?;
     answers_success(&client, url).await
 }

@@ -337,12 +337,6 @@ fn kubeconfigs(ctx: &Context) -> Result<Vec<(PathBuf, String)>, StepError> {
     let mut out = Vec::new();
     for client in ClientCert::ALL {
         let creds = pki::read_client_credentials(&ctx.paths, client)?;
-        // Operators reach the cluster through its endpoint; the components
-        // talk to the API server next to them.
-        let server = match client {
-            ClientCert::Admin => endpoint_server(&ctx.config),
-            _ => local_server(&ctx.config, &ctx.node),
-        };
         let node_user = format!("system:node:{}", ctx.node.name);
         let user = match client {
             ClientCert::Admin => "kubernetes-admin",
@@ -351,20 +345,37 @@ fn kubeconfigs(ctx: &Context) -> Result<Vec<(PathBuf, String)>, StepError> {
             ClientCert::Kubelet => &node_user,
             ClientCert::KubeProxy => crate::pki::KUBE_PROXY_USER,
         };
-        let text = k8s::render_kubeconfig(
-            &ctx.config.cluster.name,
-            &server,
-            &creds.ca_pem,
-            user,
-            Credentials::ClientCert {
-                cert_pem: &creds.cert_pem,
-                key_pem: &creds.key_pem,
-            },
-        );
+        let render = |server: &str| {
+            k8s::render_kubeconfig(
+                &ctx.config.cluster.name,
+                server,
+                &creds.ca_pem,
+                user,
+                Credentials::ClientCert {
+                    cert_pem: &creds.cert_pem,
+                    key_pem: &creds.key_pem,
+                },
+            )
+        };
+        // The agent's own steps on a master (admin.conf), the
+        // controller-manager and the scheduler talk to the API server next
+        // to them: it is up before anything else here, and with it gone
+        // another master's lead. The kubelet and kube-proxy go through the
+        // node's balancer, so the Node stays Ready while its own API
+        // server is down. Operators reach the cluster through its endpoint.
+        let server = match client {
+            ClientCert::Kubelet | ClientCert::KubeProxy => crate::balancer::server_url(&ctx.node),
+            ClientCert::Admin | ClientCert::ControllerManager | ClientCert::Scheduler => {
+                local_server(&ctx.config, &ctx.node)
+            }
+        };
         if client == ClientCert::Admin {
-            out.push((ctx.paths.state_file(OPERATOR_KUBECONFIG), text.clone()));
+            out.push((
+                ctx.paths.state_file(OPERATOR_KUBECONFIG),
+                render(&endpoint_server(&ctx.config)),
+            ));
         }
-        out.push((kubeconfig_path(&ctx.paths, client), text));
+        out.push((kubeconfig_path(&ctx.paths, client), render(&server)));
     }
     Ok(out)
 }

@@ -28,10 +28,10 @@ use crate::k8s::node::Readiness;
 use crate::k8s::{self, Credentials};
 use crate::podnet;
 use crate::role::Role;
-use crate::services::{self, ActiveState, RestartPolicy, ServiceSection, ServiceType, Unit};
+use crate::services::{self, ActiveState, Unit};
 use crate::wait::{self, Backoff, Poll};
 
-use super::{container_runtime, control_plane};
+use super::{api_balancer, container_runtime, control_plane};
 use crate::containerd;
 
 pub const PHASE: &str = "kubelet";
@@ -70,6 +70,10 @@ pub fn phase(role: Role) -> Phase {
     let mut steps: Vec<Box<dyn Step>> = vec![Box::new(KubeletBinary)];
     if !master {
         steps.push(Box::new(FetchJoinMaterial));
+    }
+    // Everything after it reaches the API through it.
+    steps.push(Box::new(api_balancer::ApiBalancer));
+    if !master {
         steps.push(Box::new(VersionSkew));
     }
     steps.push(Box::new(KubeletConfig));
@@ -181,9 +185,11 @@ impl Step for FetchJoinMaterial {
         })
         .await?;
         fsutil::write_atomic(&ctx.paths.host(CA_FILE), ca_pem.as_bytes(), PUBLIC_MODE)?;
+        // Not the endpoint the join service named: the node's balancer,
+        // which reaches every master (the endpoint may be one of them).
         let kubeconfig = k8s::render_kubeconfig(
             &ctx.config.cluster.name,
-            &api_server,
+            &crate::balancer::server_url(&ctx.node),
             &ca_pem,
             "kubelet-bootstrap",
             Credentials::Token(&bootstrap_token),
@@ -201,7 +207,7 @@ impl Step for FetchJoinMaterial {
                 expires: token_expires.clone(),
             },
         )?;
-        tracing::info!(%api_server, %token_expires, "join material in place");
+        tracing::info!(endpoint = %api_server, %token_expires, "join material in place");
         Ok(Outcome::Done)
     }
 }
@@ -415,37 +421,17 @@ pub fn render_routes_unit(
     node: &crate::config::NodeSpec,
     agent: &std::path::Path,
 ) -> Unit {
-    let systemd_only = [
-        ("Unit", "StartLimitIntervalSec", "0"),
-        ("Service", "NotifyAccess", "main"),
-        ("Service", "RestartPreventExitStatus", "2"),
-    ]
-    .into_iter()
-    .map(|(s, k, v)| (s.to_string(), k.to_string(), v.to_string()))
-    .collect();
-    Unit {
-        name: ROUTES_UNIT.into(),
-        description: "cluster-agent pod routes: a route to every other node's pod CIDR".into(),
-        after: vec!["network-online.target".into(), UNIT.into()],
-        wants: vec!["network-online.target".into()],
-        requires: vec![],
-        service: ServiceSection {
-            type_: ServiceType::Notify,
-            exec_start: super::join_service::agent_command(paths, node, agent, "pod-routes"),
-            environment: Default::default(),
-            environment_file: None,
-            working_directory: None,
-            restart: Some(RestartPolicy::Always),
-            restart_sec: Some(Duration::from_secs(5)),
-            timeout_start_sec: Some(Duration::from_secs(120)),
-            timeout_stop_sec: None,
-            limit_nofile: None,
-        },
-        install: services::InstallSection {
-            wanted_by: vec!["multi-user.target".into()],
-        },
-        systemd_only,
-    }
+    let mut unit = api_balancer::agent_daemon_unit(
+        paths,
+        node,
+        agent,
+        ROUTES_UNIT,
+        "cluster-agent pod routes: a route to every other node's pod CIDR",
+        "pod-routes",
+        &[],
+    );
+    unit.after.push(UNIT.into());
+    unit
 }
 
 struct KubeletConfig;
@@ -690,35 +676,16 @@ impl Step for PodRoutes {
             return Ok(false);
         }
         let unit = render_routes_unit(&ctx.paths, &ctx.node, &super::join_service::agent_path()?);
-        Ok(services::unit_installed(&ctx.paths, &unit)?
-            && services::unit_enabled(&ctx.paths, &unit)
-            && ctx.services.state(ROUTES_UNIT).await?.active_state == ActiveState::Active)
+        api_balancer::agent_daemon_running(ctx, &unit).await
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         if let Some(why) = operator_cni(ctx) {
             return Ok(Outcome::Skipped(why));
         }
         let unit = render_routes_unit(&ctx.paths, &ctx.node, &super::join_service::agent_path()?);
-        let changed = services::install_unit(&ctx.paths, &unit)?;
-        ctx.services.daemon_reload().await?;
-        ctx.services.enable(ROUTES_UNIT).await?;
-        ctx.progress.waiting(&format!("{ROUTES_UNIT} to start"));
-        // Type=notify: the start returns once the keeper has set the
-        // routes for the Nodes it found.
-        let start = async {
-            if changed {
-                ctx.services.restart(ROUTES_UNIT).await
-            } else {
-                ctx.services.start(ROUTES_UNIT).await
-            }
-        };
-        tokio::time::timeout(ROUTES_WAIT, start)
-            .await
-            .map_err(|_| {
-                StepError::Precondition(format!(
-                    "{ROUTES_UNIT} did not report ready within {ROUTES_WAIT:?}; see its log"
-                ))
-            })??;
+        // Type=notify: ready once the keeper has set the routes for the
+        // Nodes it found.
+        api_balancer::start_agent_daemon(ctx, &unit, ROUTES_WAIT).await?;
         Ok(Outcome::Done)
     }
 }

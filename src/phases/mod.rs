@@ -2,6 +2,7 @@
 //! list of steps executed by [`crate::engine`].
 
 pub mod addons;
+pub mod api_balancer;
 pub mod ceph;
 pub mod container_runtime;
 pub mod control_plane;
@@ -72,11 +73,9 @@ pub fn rendered_units(paths: &HostPaths, config: &ClusterConfig, node: &NodeSpec
         units.push(container_runtime::render_unit(paths));
         units.push(kubelet::render_kubelet_unit(paths, node));
         units.push(kube_proxy::render_unit(paths));
-        units.push(kubelet::render_routes_unit(
-            paths,
-            node,
-            std::path::Path::new(join_service::IMAGE_AGENT),
-        ));
+        let agent = std::path::Path::new(join_service::IMAGE_AGENT);
+        units.push(kubelet::render_routes_unit(paths, node, agent));
+        units.push(api_balancer::render_unit(paths, node, agent));
     }
     if node.has_role(crate::config::NodeRole::CephMon) {
         units.push(ceph::render_unit(paths, node));

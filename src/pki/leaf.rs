@@ -173,6 +173,13 @@ pub(crate) fn profile(
                     .filter(|n| n.is_control_plane())
                     .map(|n| San::Ip(IpAddr::V4(n.ip))),
             );
+            // Clients behind a node's API balancer dial its address.
+            sans.extend(
+                config
+                    .nodes
+                    .iter()
+                    .map(|n| San::Ip(crate::balancer::listen_addr(n).ip())),
+            );
             LeafProfile {
                 common_name: "kube-apiserver".into(),
                 organizations: vec![],

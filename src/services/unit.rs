@@ -55,6 +55,8 @@ const SYSTEMD_ONLY_KEYS: &[(&str, &str)] = &[
     ("Service", "ProtectHome"),
     ("Service", "PrivateTmp"),
     ("Service", "PrivateDevices"),
+    ("Service", "PrivateMounts"),
+    ("Service", "ReadWritePaths"),
     ("Service", "ProtectKernelTunables"),
     ("Service", "ProtectKernelModules"),
     ("Service", "ProtectKernelLogs"),

@@ -292,6 +292,41 @@ impl Cluster {
         }
     }
 
+    /// SIGKILLs one daemon the process backend started for `node`, as if
+    /// its unit had stopped.
+    pub fn stop_unit(&self, node: &str, unit: &str) {
+        let pid_file = self
+            .root(node)
+            .join("run/cluster-agent")
+            .join(format!("{unit}.pid"));
+        assert!(pid_file.exists(), "{node} runs no {unit}");
+        kill_pid_file(&pid_file);
+    }
+
+    /// The end of every daemon's log on every node, for a failed test: the
+    /// temp dir with the logs goes with the cluster.
+    fn print_daemon_logs(&self) {
+        const TAIL: usize = 15;
+        for node in &self.nodes {
+            let dir = self.root(&node.name).join("var/log/cluster-agent");
+            let mut logs: Vec<_> = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            logs.sort();
+            for log in logs {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("--- {}: {} (last {TAIL} lines)", node.name, log.display());
+                for line in &lines[lines.len().saturating_sub(TAIL)..] {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+
     /// SIGKILLs every daemon the process backend started for `node`.
     pub fn kill_daemons(&self, node: &str) {
         let run = self.root(node).join("run/cluster-agent");
@@ -476,6 +511,9 @@ impl Drop for Cluster {
         // First the agents a failed test left running: they would go on
         // starting daemons after the cleanup below.
         self.kill_agents();
+        if std::thread::panicking() {
+            self.print_daemon_logs();
+        }
         for node in &self.nodes {
             self.stop_pods(&node.name);
         }

@@ -96,6 +96,7 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("container-runtime", |p| {
         Box::pin(container_runtime_check(p))
     }),
+    ("api-balancer", |p| Box::pin(api_balancer_check(p))),
     ("kubernetes", |p| Box::pin(kubernetes_check(p))),
     ("ceph", |p| Box::pin(ceph_check(p))),
 ];
@@ -169,6 +170,73 @@ async fn services_check(probe: &Probe) -> Section {
         backend.as_str()
     );
     section.data = json!({ "backend": backend.as_str(), "units": rows });
+    section
+}
+
+/// The node-local API balancer's own view: which API servers it sends
+/// to, which not and why.
+async fn api_balancer_check(probe: &Probe) -> Section {
+    const NAME: &str = "api-balancer";
+    use crate::balancer::{Health as Backend, View};
+    if !services::unit_path(&probe.paths, crate::phases::api_balancer::UNIT).exists() {
+        return Section::new(
+            NAME,
+            Health::NotConfigured,
+            "not installed on this node yet",
+        );
+    }
+    let path = probe.paths.host(crate::balancer::VIEW_FILE);
+    let view: View = match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(v) => v,
+            Err(e) => {
+                return Section::new(NAME, Health::Failed, format!("{}: {e}", path.display()));
+            }
+        },
+        Err(e) => {
+            return Section::new(
+                NAME,
+                Health::Failed,
+                format!(
+                    "{}: {e} (is {} running?)",
+                    path.display(),
+                    crate::phases::api_balancer::UNIT
+                ),
+            );
+        }
+    };
+    let ready = view
+        .backends
+        .iter()
+        .filter(|b| b.health == Backend::Ready)
+        .count();
+    let health = match ready {
+        0 => Health::Failed,
+        n if n < view.backends.len() => Health::Warning,
+        _ => Health::Ok,
+    };
+    let mut section = Section::new(
+        NAME,
+        health,
+        format!(
+            "{} sends to {ready} of {} API servers",
+            view.listen,
+            view.backends.len()
+        ),
+    );
+    for b in &view.backends {
+        let verdict = match &b.health {
+            Backend::Ready => "in".to_string(),
+            Backend::Unknown => "not checked yet".to_string(),
+            Backend::NotReady(why) => format!("out, not ready: {why}"),
+            Backend::Unreachable(why) => format!("out, unreachable: {why}"),
+        };
+        section.lines.push(format!(
+            "{:<21} {verdict} (since {}, {} connections)",
+            b.address, b.since, b.connections
+        ));
+    }
+    section.data = serde_json::to_value(&view).unwrap_or_default();
     section
 }
 
