@@ -1151,6 +1151,37 @@ fn the_nodes_keep_the_api_when_a_master_goes() {
     wait_for("traffic through w-1's balancer to resume", || {
         kubectl_via(&c, "w-1", &["get", "--raw", "/readyz"]).is_ok()
     });
+
+    // A master's reset deletes its Node, stops its control plane, and only
+    // then takes its etcd member out (an API server without its etcd would
+    // hang in its shutdown); the workers' balancers drop it.
+    for m in ["cp-1", "cp-2"] {
+        run_ok(&c, m);
+    }
+    let reset = c.run("cp-2", &["reset", "--yes"]);
+    assert!(reset.status.success(), "{}", text(&reset));
+    let done = String::from_utf8_lossy(&reset.stdout);
+    let at = |what: &str| {
+        done.find(what)
+            .unwrap_or_else(|| panic!("{what:?} not in:\n{done}"))
+    };
+    assert!(
+        at("done: delete Node cp-2") < at("done: stop kube-apiserver.service"),
+        "{done}"
+    );
+    assert!(
+        at("done: stop kube-apiserver.service") < at("done: remove etcd member"),
+        "{done}"
+    );
+    assert!(
+        at("done: remove etcd member") < at("done: stop etcd.service"),
+        "{done}"
+    );
+    for w in WORKERS {
+        wait_for(&format!("{w}'s balancer to take cp-2 out"), || {
+            balancer_state(&c, w, &cp2) == "unreachable"
+        });
+    }
 }
 
 fn pod_routes(c: &Cluster, node: &str) -> Vec<String> {

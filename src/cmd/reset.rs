@@ -162,13 +162,26 @@ pub async fn plan(
         actions.push(Action::StopUnit(kubelet::UNIT.into()));
     }
     actions.extend(leave_kubernetes(global, paths, force, has_kubelet).await?);
+    // The control plane before its etcd member leaves: an API server whose
+    // etcd is gone would hang in its shutdown until the stop timeout.
+    let order = stop_order(&units);
+    let control_plane: Vec<String> = order
+        .iter()
+        .filter(|u| {
+            crate::phases::control_plane::COMPONENTS
+                .iter()
+                .any(|c| **u == format!("{c}.service"))
+        })
+        .cloned()
+        .collect();
+    actions.extend(control_plane.iter().cloned().map(Action::StopUnit));
     actions.extend(leave_etcd(global, paths, force).await?);
     actions.extend(leave_ceph_monitor(global, paths, force).await?);
 
     actions.extend(
-        stop_order(&units)
+        order
             .into_iter()
-            .filter(|u| u != kubelet::UNIT)
+            .filter(|u| u != kubelet::UNIT && !control_plane.contains(u))
             .map(Action::StopUnit),
     );
     // kube-proxy is stopped by now: it would write them again.
