@@ -43,6 +43,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// A master on the same rack answers a SYN in well under a millisecond;
 /// one that does not answer in this long is treated as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// Where `node`'s balancer listens: 127.0.0.1, or the node's own address
 /// when that is itself a loopback address (nodes sharing one host's
@@ -140,6 +141,9 @@ struct Shared {
     checks: reqwest::Client,
     /// Bumped on every change of the view.
     changes: watch::Sender<u64>,
+    /// Connections closed for want of a backend since the last log line.
+    refused: AtomicUsize,
+    last_refusal_log: Mutex<Option<std::time::Instant>>,
 }
 
 /// A running balancer; clones share it.
@@ -167,6 +171,8 @@ impl Balancer {
                 next: AtomicUsize::new(0),
                 checks,
                 changes: watch::channel(0).0,
+                refused: AtomicUsize::new(0),
+                last_refusal_log: Mutex::new(None),
             }),
         })
     }
@@ -357,10 +363,21 @@ impl Shared {
                 ),
             }
         }
-        tracing::warn!(
-            tried = candidates.len(),
-            "no API server is ready: connection refused"
-        );
+        // Every client retries at once: one line a second tells the story.
+        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self
+            .last_refusal_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY) {
+            *last = Some(std::time::Instant::now());
+            self.refused.store(0, Ordering::Relaxed);
+            tracing::warn!(
+                tried = candidates.len(),
+                refused,
+                "no API server is ready: connections closed unforwarded"
+            );
+        }
         None
     }
 }
