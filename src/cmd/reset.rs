@@ -728,7 +728,7 @@ async fn remove_member(paths: &HostPaths, member: u64, via: &str) -> Result<(), 
             let mut c = client.clone();
             async move {
                 match c.remove(member).await {
-                    Err(e) if e.to_string().contains("member not found") => Poll::Ready(Ok(())),
+                    Err(e) if e.is_member_not_found() => Poll::Ready(Ok(())),
                     Err(e) if e.is_retryable() => Poll::Pending(crate::error_chain(&e)),
                     done => Poll::Ready(done),
                 }

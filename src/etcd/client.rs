@@ -41,50 +41,130 @@ pub enum EtcdError {
     },
 }
 
-impl EtcdError {
-    /// etcd's answer to promoting a member that is already a voter (the
-    /// not-in-sync refusal shares its prefix).
-    pub fn is_already_voter(&self) -> bool {
-        let text = self.to_string();
-        text.contains("can only promote a learner member") && !text.contains("in sync")
-    }
-
+/// The etcd server refusals the agent acts on. etcd's own Go client tells
+/// them apart the same way (`api/v3rpc/rpctypes`): by gRPC code and the
+/// exact description, never by a substring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    MemberNotFound,
+    /// Promoting a member that is already a voter.
+    MemberNotLearner,
+    /// Promoting a learner that has not caught up with the leader yet.
+    LearnerNotReady,
     /// The one-learner limit: another node's learner is not promoted yet.
+    TooManyLearners,
+    /// The strict reconfiguration check: the leader does not (yet) see
+    /// every voter connected.
+    UnhealthyCluster,
+    NoLeader,
+    LeaderChanged,
+    RequestTimedOut,
+}
+
+const REFUSALS: &[(tonic::Code, &str, Refusal)] = {
+    use Refusal::*;
+    use tonic::Code::{FailedPrecondition, NotFound, Unavailable};
+    &[
+        (NotFound, "etcdserver: member not found", MemberNotFound),
+        (
+            FailedPrecondition,
+            "etcdserver: can only promote a learner member",
+            MemberNotLearner,
+        ),
+        (
+            FailedPrecondition,
+            "etcdserver: can only promote a learner member which is in sync with leader",
+            LearnerNotReady,
+        ),
+        (
+            FailedPrecondition,
+            "etcdserver: too many learner members in cluster",
+            TooManyLearners,
+        ),
+        (
+            Unavailable,
+            "etcdserver: unhealthy cluster",
+            UnhealthyCluster,
+        ),
+        (Unavailable, "etcdserver: no leader", NoLeader),
+        (Unavailable, "etcdserver: leader changed", LeaderChanged),
+        (
+            Unavailable,
+            "etcdserver: request timed out",
+            RequestTimedOut,
+        ),
+        (
+            Unavailable,
+            "etcdserver: request timed out, possibly due to previous leader failure",
+            RequestTimedOut,
+        ),
+        (
+            Unavailable,
+            "etcdserver: request timed out, possibly due to connection lost",
+            RequestTimedOut,
+        ),
+    ]
+};
+
+impl EtcdError {
+    /// The server's refusal, when it is one the agent knows.
+    pub fn refusal(&self) -> Option<Refusal> {
+        let EtcdError::Api {
+            source: etcd_client::Error::GRpcStatus(status),
+            ..
+        } = self
+        else {
+            return None;
+        };
+        REFUSALS
+            .iter()
+            .find(|(code, description, _)| {
+                status.code() == *code && status.message() == *description
+            })
+            .map(|(_, _, refusal)| *refusal)
+    }
+
+    pub fn is_already_voter(&self) -> bool {
+        self.refusal() == Some(Refusal::MemberNotLearner)
+    }
+
     pub fn is_too_many_learners(&self) -> bool {
-        self.to_string().contains("too many learner members")
+        self.refusal() == Some(Refusal::TooManyLearners)
     }
 
-    /// The strict reconfiguration check's refusal: the leader does not
-    /// (yet) see every voter connected.
     pub fn is_unhealthy_cluster(&self) -> bool {
-        self.to_string().contains("unhealthy cluster")
+        self.refusal() == Some(Refusal::UnhealthyCluster)
     }
 
-    /// Errors etcd documents as transient during membership changes: the
-    /// strict reconfiguration check right after a promotion, the one-learner
-    /// limit while another node joins, a learner not yet in sync, and plain
-    /// unavailability.
+    pub fn is_member_not_found(&self) -> bool {
+        self.refusal() == Some(Refusal::MemberNotFound)
+    }
+
+    /// What etcd documents as transient during membership changes, by
+    /// code: every `Unavailable` (no leader, leader changed, timeouts, the
+    /// strict reconfiguration check, a peer not answering), deadlines and
+    /// the client's own timeouts, the
+    /// one-learner limit while another node joins, a learner not yet in
+    /// sync, and a connection that failed below gRPC.
     pub fn is_retryable(&self) -> bool {
         match self {
-            EtcdError::Api { source, .. } => {
-                let text = source.to_string().to_lowercase();
-                [
-                    "unhealthy cluster",
-                    "too many learner members",
-                    "can only promote a learner member which is in sync",
-                    "not in sync",
-                    "leader changed",
-                    "no leader",
-                    "timed out",
-                    "timeout",
-                    "transport error",
-                    "unavailable",
-                    "connection refused",
-                ]
-                .iter()
-                .any(|needle| text.contains(needle))
-                    || matches!(source, etcd_client::Error::TransportError(_))
-            }
+            EtcdError::Api { source, .. } => match source {
+                etcd_client::Error::GRpcStatus(status) => {
+                    matches!(
+                        status.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::DeadlineExceeded
+                            // tonic's own request timeout ("Timeout expired").
+                            | tonic::Code::Cancelled
+                            | tonic::Code::Aborted
+                    ) || matches!(
+                        self.refusal(),
+                        Some(Refusal::TooManyLearners | Refusal::LearnerNotReady)
+                    )
+                }
+                etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+                _ => false,
+            },
             EtcdError::Incomplete { .. } => true,
             EtcdError::TlsFile { .. } => false,
         }
@@ -254,5 +334,60 @@ impl EtcdClient {
     pub async fn remove(&mut self, id: u64) -> Result<(), EtcdError> {
         self.inner.member_remove(id).await.map_err(self.api())?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answered(code: tonic::Code, message: &str) -> EtcdError {
+        EtcdError::Api {
+            endpoints: "https://10.0.0.11:2379".into(),
+            source: etcd_client::Error::GRpcStatus(tonic::Status::new(code, message)),
+        }
+    }
+
+    #[test]
+    fn refusals_are_told_apart_by_code_and_exact_description() {
+        use tonic::Code::{FailedPrecondition, NotFound, Unavailable};
+        let learners = answered(
+            FailedPrecondition,
+            "etcdserver: too many learner members in cluster",
+        );
+        assert!(learners.is_too_many_learners() && learners.is_retryable());
+        let voter = answered(
+            FailedPrecondition,
+            "etcdserver: can only promote a learner member",
+        );
+        assert!(voter.is_already_voter() && !voter.is_retryable());
+        let behind = answered(
+            FailedPrecondition,
+            "etcdserver: can only promote a learner member which is in sync with leader",
+        );
+        assert!(!behind.is_already_voter() && behind.is_retryable());
+        assert!(answered(Unavailable, "etcdserver: unhealthy cluster").is_unhealthy_cluster());
+        assert!(answered(NotFound, "etcdserver: member not found").is_member_not_found());
+        // The same words under another code, or inside another message,
+        // are not that refusal.
+        assert!(!answered(Unavailable, "etcdserver: member not found").is_member_not_found());
+        assert!(
+            !answered(
+                FailedPrecondition,
+                "proxy: etcdserver: too many learner members in cluster"
+            )
+            .is_too_many_learners()
+        );
+    }
+
+    #[test]
+    fn transient_means_unavailable_deadlines_and_the_learner_limits() {
+        use tonic::Code::*;
+        for code in [Unavailable, DeadlineExceeded, Cancelled, Aborted] {
+            assert!(answered(code, "anything").is_retryable(), "{code:?}");
+        }
+        for code in [PermissionDenied, InvalidArgument, Unauthenticated, NotFound] {
+            assert!(!answered(code, "anything").is_retryable(), "{code:?}");
+        }
     }
 }
