@@ -161,7 +161,7 @@ enum Verdict {
 
 impl Balancer {
     /// A balancer that forwards to backends whose certificates chain to
-    /// `ca_pem`, listening on `listener`.
+    /// `ca_pem`, whose view names `listen` (the address [`Self::serve`]'s listener is bound to).
     pub fn new(listen: SocketAddr, ca_pem: &str) -> Result<Balancer, String> {
         let checks = crate::k8s::pinned_client(ca_pem, CHECK_TIMEOUT)?;
         Ok(Balancer {
