@@ -137,18 +137,8 @@ impl Cut {
     }
 
     fn apply(self, dir: &Path, master: &str) {
-        let kill = |unit: &str| {
-            let pid_file = node_root(dir, master).join(format!("run/cluster-agent/{unit}.pid"));
-            let pid = std::fs::read_to_string(&pid_file).unwrap_or_default();
-            if let Some(pid) = pid.split_whitespace().next().and_then(|p| p.parse().ok()) {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        };
         match self {
-            Cut::ApiServerStopped => kill("kube-apiserver.service"),
+            Cut::ApiServerStopped => lab::kill_unit(dir, master, "kube-apiserver.service"),
             Cut::PowerCut => {
                 let out = Command::new("ip")
                     .args([
@@ -168,9 +158,15 @@ impl Cut {
     }
 }
 
+/// Where the worker's balancer writes its view.
+fn view_path(dir: &Path) -> PathBuf {
+    cluster_agent::paths::HostPaths::new(&node_root(dir, WORKER), None, None)
+        .host(cluster_agent::balancer::VIEW_FILE)
+}
+
 /// The worker's balancer's view of `backend`.
 fn backend_state(dir: &Path, backend: SocketAddr) -> String {
-    let path = node_root(dir, WORKER).join("run/cluster-agent/api-balancer.json");
+    let path = view_path(dir);
     let Ok(bytes) = std::fs::read(path) else {
         return "no view".into();
     };
@@ -189,7 +185,7 @@ fn backend_state(dir: &Path, backend: SocketAddr) -> String {
 /// [`connections`] once the view has not changed for a while, so it
 /// shows every connection opened or closed before the call.
 fn settled_connections(dir: &Path) -> Vec<(SocketAddr, usize)> {
-    let path = node_root(dir, WORKER).join("run/cluster-agent/api-balancer.json");
+    let path = view_path(dir);
     lab::wait("the balancer's view to settle", Instant::now(), || {
         let age = std::fs::metadata(&path)
             .ok()?
@@ -204,7 +200,7 @@ fn settled_connections(dir: &Path) -> Vec<(SocketAddr, usize)> {
 
 /// Open connections per backend, as the worker's balancer shows them.
 fn connections(dir: &Path) -> Vec<(SocketAddr, usize)> {
-    let path = node_root(dir, WORKER).join("run/cluster-agent/api-balancer.json");
+    let path = view_path(dir);
     let view: cluster_agent::balancer::View =
         serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     view.backends

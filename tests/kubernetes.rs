@@ -920,7 +920,8 @@ fn three_masters_and_two_workers_join_from_cold() {
 /// The agent's routes on `node` (proto 201), one line each.
 /// `node`'s API balancer's view of the API server at `ip`: its state.
 fn balancer_state(c: &Cluster, node: &str, ip: &str) -> String {
-    let path = c.root(node).join("run/cluster-agent/api-balancer.json");
+    let path = cluster_agent::paths::HostPaths::new(&c.root(node), None, None)
+        .host(cluster_agent::balancer::VIEW_FILE);
     let Ok(bytes) = std::fs::read(&path) else {
         return "no view".into();
     };

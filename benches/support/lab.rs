@@ -131,18 +131,33 @@ pub fn kill_lab_daemons(lab: &Path, nodes: &[&str]) {
         let run = node_root(lab, node).join("run/cluster-agent");
         for entry in std::fs::read_dir(&run).into_iter().flatten().flatten() {
             let path = entry.path();
-            if path.extension().is_some_and(|e| e == "pid")
-                && let Some(pid) = std::fs::read_to_string(&path)
-                    .ok()
-                    .and_then(|t| t.split_whitespace().next()?.parse::<i32>().ok())
-            {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                wait_gone(pid);
+            if path.extension().is_some_and(|e| e == "pid") {
+                kill_pid_file(&path);
             }
         }
+    }
+}
+
+/// Kills one unit the lab's process backend started on `node`.
+pub fn kill_unit(lab: &Path, node: &str, unit: &str) {
+    kill_pid_file(
+        &node_root(lab, node)
+            .join("run/cluster-agent")
+            .join(format!("{unit}.pid")),
+    );
+}
+
+/// SIGKILLs the process group a pid file names and waits until it is gone.
+fn kill_pid_file(path: &Path) {
+    if let Some(pid) = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<i32>().ok())
+    {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        wait_gone(pid);
     }
 }
 
