@@ -77,6 +77,10 @@ pub enum Command {
     /// pass their health checks (the long-running cluster-api-balancer.service
     /// on Kubernetes nodes)
     ApiBalancer,
+    /// Hold the floating control_plane_endpoint when this master wins its
+    /// Lease, and forward what arrives on it to the ready API servers (the
+    /// long-running cluster-api-address.service on control-plane nodes)
+    ApiAddress,
     /// Render provisioning data from the config dir: Ignition configs, Matchbox data
     #[command(subcommand)]
     Render(RenderCommand),

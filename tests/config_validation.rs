@@ -91,6 +91,7 @@ fn valid_full_config_loads_exactly() {
                 host: "api.example.net".into(),
                 port: 6443,
             },
+            floating_endpoint: None,
             networking: Networking {
                 pod_cidr: "10.32.0.0/16".parse().unwrap(),
                 service_cidr: "10.96.0.0/12".parse().unwrap(),
@@ -151,6 +152,7 @@ fn minimal_config_gets_defaults() {
                 host: "10.0.0.5".into(),
                 port: 6443,
             },
+            floating_endpoint: None,
             networking: default_networking(),
             bootstrap: BootstrapSettings {
                 token_ttl: Duration::from_secs(24 * 3600),
@@ -653,4 +655,31 @@ fn mutated_inputs_never_panic() {
     // Deep nesting must not overflow the stack.
     let deep = "[".repeat(100_000);
     assert!(config::parse_cluster_yaml(deep.as_bytes()).is_err());
+}
+
+#[test]
+fn a_floating_endpoint_is_an_unowned_ipv4_address_on_the_masters_segment() {
+    let config = load_ok("floating-endpoint");
+    assert_eq!(config.cluster.floating_endpoint, Some(ip("10.0.1.250")));
+    assert_eq!(config.cluster.control_plane_endpoint.port, 6443);
+    assert_eq!(load_ok("valid-full").cluster.floating_endpoint, None);
+    assert_errors(
+        "bad-floating-endpoint",
+        &[
+            "cluster.yaml:3:27: cluster.control_plane_endpoint: 10.0.1.10 is outside control-plane node cp-1's subnet 10.0.0.0/24 (networking.prefix_length 24): the masters move a floating endpoint with ARP, which stays on one segment",
+            "cluster.yaml:3:27: cluster.control_plane_endpoint: 10.0.1.10 is node w-1's own address (cluster.yaml:7:25); a floating endpoint must be one no node has",
+        ],
+    );
+    assert_errors(
+        "bad-floating-endpoint-dns",
+        &[
+            "cluster.yaml:3:27: cluster.control_plane_endpoint: \"api.lab.example\" is a DNS name, but a floating endpoint (floating_endpoint: true at cluster.yaml:4:22) must be an IPv4 address",
+        ],
+    );
+    assert_errors(
+        "bad-floating-endpoint-bool",
+        &[
+            "cluster.yaml:4:22: cluster.floating_endpoint: \"yes\" is not a boolean (expected true or false, unquoted)",
+        ],
+    );
 }

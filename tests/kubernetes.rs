@@ -863,7 +863,11 @@ fn assert_eviction_thresholds(c: &Cluster, node: &str) {
 
 /// [`rack`], every node's first run started at once and finished.
 fn rack_from_cold() -> Cluster {
-    let c = rack();
+    start_cold(rack())
+}
+
+/// Every node of `c` run at once, workers first, each to success.
+fn start_cold(c: Cluster) -> Cluster {
     let children: Vec<_> = WORKERS
         .iter()
         .chain(&MASTERS)
@@ -1840,4 +1844,214 @@ fn renewed_certificates_restart_the_components_that_read_them() {
         "kubelet restarted"
     );
     assert!(!due.exists(), "the owed restart is forgotten once made");
+}
+
+/// The rack with `control_plane_endpoint` on `<prefix>.100`, an address no
+/// node has, and `floating_endpoint: true`.
+fn floating_rack() -> (Cluster, String) {
+    let c = rack();
+    let cp1 = node_ip(&c, "cp-1");
+    let vip = format!("{}.100", cp1.rsplit_once('.').unwrap().0);
+    let yaml = c.cluster_yaml().replace(
+        &format!("control_plane_endpoint: {cp1}:6443\n"),
+        &format!("control_plane_endpoint: {vip}:6443\n  floating_endpoint: true\n"),
+    );
+    assert!(yaml.contains("floating_endpoint: true"), "{yaml}");
+    for n in MASTERS.iter().chain(&WORKERS) {
+        c.write_config(n, &yaml);
+    }
+    (c, vip)
+}
+
+/// `master`'s floating endpoint keeper's view.
+fn keeper_view(c: &Cluster, master: &str) -> Option<serde_json::Value> {
+    let path = cluster_agent::paths::HostPaths::new(&c.root(master), None, None)
+        .host(cluster_agent::floating::VIEW_FILE);
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The masters whose network has `vip` now.
+fn vip_holders(c: &Cluster, vip: &str) -> Vec<&'static str> {
+    MASTERS
+        .into_iter()
+        .filter(|m| {
+            let out = c
+                .command_on(m, "ip")
+                .args(["-4", "-o", "address", "show", "dev", "eth0"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).contains(&format!("inet {vip}/32"))
+        })
+        .collect()
+}
+
+/// The one master but those in `not` (powered off, say) that holds `vip`:
+/// its keeper says so and no other such master's network has the address.
+fn sole_holder(c: &Cluster, vip: &str, not: &[&str]) -> &'static str {
+    let mut found = None;
+    wait_for(&format!("one master but {not:?} to hold {vip}"), || {
+        let holders: Vec<_> = vip_holders(c, vip)
+            .into_iter()
+            .filter(|h| !not.contains(h))
+            .collect();
+        found = match holders[..] {
+            [one] => Some(one),
+            _ => None,
+        };
+        found.is_some_and(|h| keeper_view(c, h).is_some_and(|v| v["holding"] == true))
+    });
+    found.unwrap()
+}
+
+fn mac_of(c: &Cluster, node: &str) -> String {
+    let out = c
+        .command_on(node, "ip")
+        .args(["-j", "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    links[0]["address"].as_str().unwrap().to_string()
+}
+
+/// w-1's neighbour entry for `vip`: the MAC it sends the address's
+/// packets to.
+fn neighbour_mac(c: &Cluster, vip: &str) -> Option<String> {
+    let out = c
+        .command_on("w-1", "ip")
+        .args(["-j", "neigh", "show", vip])
+        .output()
+        .unwrap();
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    entries[0]["lladdr"].as_str().map(str::to_string)
+}
+
+/// The operator's kubeconfig (server: the floating endpoint) from w-1, as
+/// an operator keeps it: a copy outside any node, which no reset removes.
+fn kubectl_via_vip(c: &Cluster) -> Result<String, String> {
+    let copy = c.root("w-1").join("operator-admin.conf");
+    if !copy.exists() {
+        std::fs::copy(admin(c), &copy).unwrap();
+    }
+    let out = c
+        .command_on("w-1", built_binary("kubectl"))
+        .arg("--kubeconfig")
+        .arg(&copy)
+        .arg("--request-timeout=2s")
+        .args(["get", "--raw", "/readyz"])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(text(&out))
+    }
+}
+
+fn status_section(c: &Cluster, node: &str, name: &str) -> serde_json::Value {
+    let status = c.run(node, &["status", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {report}"))
+        .clone()
+}
+
+/// With `floating_endpoint: true` the masters elect one holder of the
+/// endpoint's address through their Lease: it has the address, announces
+/// it (w-1's neighbour entry follows it) and forwards to every ready API
+/// server. A holder whose own API server stops keeps the address, and
+/// kubectl through it answers all the while; a holder that loses power is
+/// replaced within seconds; a keeper killed holding the address removes it
+/// when it starts again; a reset hands the address over at once.
+#[test]
+fn the_floating_endpoint_follows_a_working_master() {
+    let (c, vip) = floating_rack();
+    let c = start_cold(c);
+    let first = sole_holder(&c, &vip, &[]);
+    assert!(kubectl_via_vip(&c).is_ok_and(|r| r == "ok"));
+    wait_for("w-1's neighbour entry to name the holder", || {
+        neighbour_mac(&c, &vip) == Some(mac_of(&c, first))
+    });
+    let section = status_section(&c, first, "api-address");
+    assert_eq!(section["health"], "ok", "{section}");
+    assert!(
+        section["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("this node holds {vip}:6443 on eth0")),
+        "{section}"
+    );
+    let other = MASTERS.into_iter().find(|m| *m != first).unwrap();
+    let section = status_section(&c, other, "api-address");
+    assert!(
+        section["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{first} holds {vip}:6443")),
+        "{section}"
+    );
+
+    // Its API server stops: the holder renews through the node's balancer
+    // and forwards to the others, so the address stays and every request
+    // through it succeeds.
+    c.stop_unit(first, "kube-apiserver.service");
+    let stopped = Instant::now();
+    let mut requests = 0;
+    while stopped.elapsed() < cluster_agent::floating::LEASE_DURATION * 2 {
+        let answer = kubectl_via_vip(&c);
+        assert!(answer.is_ok(), "request {requests} through {vip}: {answer:?}");
+        requests += 1;
+    }
+    assert_eq!(vip_holders(&c, &vip), [first]);
+    eprintln!("{first}'s API server stopped: {requests} requests through {vip}, all answered");
+
+    // The holder loses power: another master takes over.
+    let cut = Instant::now();
+    ip_in(&c, first, &["link", "set", "eth0", "down"]);
+    c.kill_daemons(first);
+    let second = sole_holder(&c, &vip, &[first]);
+    wait_for(&format!("kubectl through {vip} after the power cut"), || {
+        kubectl_via_vip(&c).is_ok()
+    });
+    eprintln!(
+        "power cut: {vip} moved {first} → {second}, answering again after {:?}",
+        cut.elapsed()
+    );
+    wait_for("w-1's neighbour entry to follow the address", || {
+        neighbour_mac(&c, &vip) == Some(mac_of(&c, second))
+    });
+
+    // Power back: the killed keeper left the address on its link; started
+    // again, it removes it and follows the holder.
+    ip_in(&c, first, &["link", "set", "eth0", "up"]);
+    ip_in(&c, first, &["route", "replace", "default", "dev", "eth0"]);
+    assert!(vip_holders(&c, &vip).contains(&first));
+    run_ok(&c, first);
+    assert_eq!(sole_holder(&c, &vip, &[]), second);
+    let section = status_section(&c, first, "api-address");
+    assert_eq!(section["health"], "ok", "{section}");
+
+    // A reset stops the keeper before its API server, so it releases the
+    // Lease and the next master need not wait it out.
+    let reset = c.run(second, &["reset", "--yes"]);
+    assert!(reset.status.success(), "{}", text(&reset));
+    let done = String::from_utf8_lossy(&reset.stdout);
+    let at = |what: &str| {
+        done.find(what)
+            .unwrap_or_else(|| panic!("{what:?} not in:\n{done}"))
+    };
+    assert!(
+        at("done: stop cluster-api-address.service") < at("done: stop kube-apiserver.service"),
+        "{done}"
+    );
+    let handed = Instant::now();
+    let third = sole_holder(&c, &vip, &[second]);
+    eprintln!("reset: {vip} moved {second} → {third} in {:?}", handed.elapsed());
+    wait_for(&format!("kubectl through {vip} after the reset"), || {
+        kubectl_via_vip(&c).is_ok()
+    });
 }

@@ -1,6 +1,7 @@
 //! One module per subcommand. Each returns a [`CliError`] whose kind picks
 //! the documented exit code.
 
+mod api_address;
 mod api_balancer;
 mod gen_join_secret;
 pub mod lab;
@@ -101,6 +102,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::ServeJoin(args) => serve_join::serve_join(global, &paths, args).await,
         Command::PodRoutes => pod_routes::pod_routes(global, &paths).await,
         Command::ApiBalancer => api_balancer::api_balancer(global, &paths).await,
+        Command::ApiAddress => api_address::api_address(global, &paths).await,
         Command::Render(command) => render::render(global, &paths, command),
         Command::Lab(command) => lab::lab(command).await,
     };

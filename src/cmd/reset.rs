@@ -57,6 +57,10 @@ pub enum Action {
     RemovePodNetwork {
         pod_cidr: Option<ipnet::Ipv4Net>,
     },
+    /// Remove the floating endpoint's address, which a killed keeper left.
+    RemoveFloatingAddress {
+        address: std::net::Ipv4Addr,
+    },
     /// Remove a `<target>.wants/` link (what enabling created).
     Disable(PathBuf),
     /// A file or a whole directory the agent created.
@@ -90,6 +94,12 @@ impl fmt::Display for Action {
                 ),
                 None => f.write_str("remove the routes to other nodes' pods"),
             },
+            Action::RemoveFloatingAddress { address } => {
+                write!(
+                    f,
+                    "remove the floating endpoint address {address} from this node"
+                )
+            }
             Action::Disable(link) => write!(f, "disable: remove {}", link.display()),
             Action::Remove(p) => write!(f, "remove {}", p.display()),
             Action::ReloadManager => f.write_str("reload the service manager"),
@@ -163,15 +173,19 @@ pub async fn plan(
     }
     actions.extend(leave_kubernetes(global, paths, force, has_kubelet).await?);
     // The control plane before its etcd member leaves: an API server whose
-    // etcd is gone would hang in its shutdown until the stop timeout.
+    // etcd is gone would hang in its shutdown until the stop timeout. The
+    // floating endpoint's keeper before its API server: it releases its
+    // Lease through it, so another master takes the address at once.
     let order = stop_order(&units);
+    let keeper = crate::phases::api_address::UNIT;
     let control_plane: Vec<String> = order
         .iter()
-        .filter(|u| {
+        .filter(|u| *u == keeper)
+        .chain(order.iter().filter(|u| {
             crate::phases::control_plane::COMPONENTS
                 .iter()
                 .any(|c| **u == format!("{c}.service"))
-        })
+        }))
         .cloned()
         .collect();
     actions.extend(control_plane.iter().cloned().map(Action::StopUnit));
@@ -189,6 +203,13 @@ pub async fn plan(
         && let Some(binary) = paths.find_binary(kube_proxy::KUBE_PROXY)
     {
         actions.push(Action::RemoveServiceRules { kube_proxy: binary });
+    }
+    // The keeper is stopped by now; one killed before left it.
+    if let Ok(config) = super::load_config(paths)
+        && let Some(address) = config.cluster.floating_endpoint
+        && crate::hostnet::has_address(address).unwrap_or(false)
+    {
+        actions.push(Action::RemoveFloatingAddress { address });
     }
     // The route keeper is stopped by now: it would put them back.
     let conflist = paths.host(crate::podnet::CONFLIST_FILE);
@@ -229,9 +250,11 @@ pub async fn plan(
             crate::phases::control_plane::ADMIN_CONF,
             crate::phases::control_plane::CONTROLLER_MANAGER_CONF,
             crate::phases::control_plane::SCHEDULER_CONF,
+            crate::phases::control_plane::API_ADDRESS_CONF,
             crate::podnet::CONFLIST_FILE,
             crate::podnet::IPAM_DIR,
             crate::balancer::VIEW_FILE,
+            crate::floating::VIEW_FILE,
         ]
         .map(|p| paths.host(p)),
     );
@@ -695,6 +718,14 @@ async fn execute(
                     crate::error_chain(&e)
                 ))
             })
+        }
+        Action::RemoveFloatingAddress { address } => {
+            let removed = crate::hostnet::interface_with(*address)
+                .and_then(|interface| crate::hostnet::remove_address(&interface, *address));
+            match removed {
+                Ok(_) | Err(crate::hostnet::HostNetError::NoInterface(_)) => Ok(()),
+                Err(e) => Err(CliError::Failed(crate::error_chain(&e))),
+            }
         }
         Action::ReloadManager => {
             if let Some(m) = manager {

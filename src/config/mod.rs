@@ -49,6 +49,9 @@ pub struct ClusterSettings {
     pub name: String,
     pub k8s_version: String,
     pub control_plane_endpoint: Endpoint,
+    /// `floating_endpoint: true`: the endpoint's address, which the masters
+    /// hold themselves, one at a time (`crate::floating`).
+    pub floating_endpoint: Option<Ipv4Addr>,
     pub networking: Networking,
     pub bootstrap: BootstrapSettings,
     pub etcd: EtcdSettings,

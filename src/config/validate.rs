@@ -128,6 +128,7 @@ pub fn validate(
     v.control_plane_count(&nodes, &nodes_loc);
     if let Some(settings) = &settings {
         v.pod_cidr_room(settings, &nodes, &nodes_loc);
+        v.floating_endpoint_consistency(settings, &nodes);
         if let Some(manifest) = &settings.cni_manifest
             && !source_dir.join(&manifest.value).is_file()
         {
@@ -167,7 +168,9 @@ const NODE_CIDR_MASK: u8 = 24;
 struct PartialSettings {
     name: Option<String>,
     k8s_version: String,
-    control_plane_endpoint: Option<super::Endpoint>,
+    control_plane_endpoint: Option<At<super::Endpoint>>,
+    /// `floating_endpoint`, where it was written.
+    floating_endpoint: Option<At<bool>>,
     networking: Networking,
     bootstrap: BootstrapSettings,
     etcd: EtcdSettings,
@@ -183,7 +186,7 @@ struct PartialSettings {
 impl PartialSettings {
     fn finish(self, nodes: &[NodeInput]) -> Option<ClusterSettings> {
         let control_plane_endpoint = match self.control_plane_endpoint {
-            Some(e) => e,
+            Some(e) => e.value,
             None => {
                 // The node that founds the cluster (master-first), so the
                 // default endpoint is up before any other API server.
@@ -199,10 +202,15 @@ impl PartialSettings {
                 }
             }
         };
+        let floating_endpoint = match self.floating_endpoint {
+            Some(At { value: true, .. }) => Some(control_plane_endpoint.host.parse().ok()?),
+            _ => None,
+        };
         Some(ClusterSettings {
             name: self.name?,
             k8s_version: self.k8s_version,
             control_plane_endpoint,
+            floating_endpoint,
             networking: self.networking,
             bootstrap: self.bootstrap,
             etcd: self.etcd,
@@ -395,11 +403,12 @@ impl Validator<'_> {
             DEFAULT_K8S_VERSION.to_owned(),
             |v| values::k8s_version(&v.text).map(|()| v.text.clone()),
         );
-        let control_plane_endpoint = self
-            .opt(raw.control_plane_endpoint.as_ref(), |v| {
-                values::endpoint(&v.text, DEFAULT_API_PORT)
-            })
-            .map(|at| at.value);
+        let control_plane_endpoint = self.opt(raw.control_plane_endpoint.as_ref(), |v| {
+            values::endpoint(&v.text, DEFAULT_API_PORT)
+        });
+        let floating_endpoint = self.opt(raw.floating_endpoint.as_ref(), |v| {
+            values::boolean(&v.text, v.plain)
+        });
 
         let net = raw.networking.as_ref();
         let default_pod: Ipv4Net = DEFAULT_POD_CIDR.parse().unwrap_or_default();
@@ -508,6 +517,7 @@ impl Validator<'_> {
             name: name.map(|n| n.value),
             k8s_version,
             control_plane_endpoint,
+            floating_endpoint,
             networking: Networking {
                 pod_cidr,
                 service_cidr,
@@ -567,6 +577,72 @@ impl Validator<'_> {
             .clone()
             .unwrap_or_else(|| nodes_loc.clone());
         self.error(&loc, message);
+    }
+
+    /// A floating endpoint is an IPv4 address no node has, on the masters'
+    /// own segment: the holder announces it with ARP, which no router
+    /// forwards.
+    fn floating_endpoint_consistency(&mut self, settings: &PartialSettings, nodes: &[NodeInput]) {
+        let Some(At {
+            value: true,
+            loc: floating_loc,
+        }) = &settings.floating_endpoint
+        else {
+            return;
+        };
+        let Some(endpoint) = &settings.control_plane_endpoint else {
+            self.error(
+                floating_loc,
+                "needs cluster.control_plane_endpoint set to the address the masters should \
+                 hold (one no node has, in their subnet)",
+            );
+            return;
+        };
+        let Ok(address) = endpoint.value.host.parse::<Ipv4Addr>() else {
+            self.error(
+                &endpoint.loc,
+                format!(
+                    "{:?} is a DNS name, but a floating endpoint (floating_endpoint: true at {}) \
+                     must be an IPv4 address",
+                    endpoint.value.host,
+                    floating_loc.at()
+                ),
+            );
+            return;
+        };
+        let prefix_length = settings.networking.prefix_length;
+        for node in nodes {
+            let Some(ip) = &node.ip else { continue };
+            if ip.value == address {
+                self.error(
+                    &endpoint.loc,
+                    format!(
+                        "{address} is node {}'s own address ({}); a floating endpoint must be \
+                         one no node has",
+                        node.display_name(),
+                        ip.loc.at()
+                    ),
+                );
+                continue;
+            }
+            if !node.role_set().contains(&NodeRole::ControlPlane) {
+                continue;
+            }
+            let subnet = Ipv4Net::new(ip.value, prefix_length)
+                .map(|n| n.trunc())
+                .unwrap_or_default();
+            if !subnet.contains(&address) {
+                self.error(
+                    &endpoint.loc,
+                    format!(
+                        "{address} is outside control-plane node {}'s subnet {subnet} \
+                         (networking.prefix_length {prefix_length}): the masters move a floating \
+                         endpoint with ARP, which stays on one segment",
+                        node.display_name()
+                    ),
+                );
+            }
+        }
     }
 
     /// Pod and service traffic are routed differently; shared addresses

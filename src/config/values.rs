@@ -70,6 +70,18 @@ pub fn port(text: &str, plain: bool) -> Result<u16, String> {
     }
 }
 
+/// `true` or `false`, unquoted (YAML 1.2's core schema: `yes`, `on` and a
+/// quoted "true" are not booleans there, and a typo must not pass as one).
+pub fn boolean(text: &str, plain: bool) -> Result<bool, String> {
+    match (text, plain) {
+        ("true", true) => Ok(true),
+        ("false", true) => Ok(false),
+        _ => Err(format!(
+            "{text:?} is not a boolean (expected true or false, unquoted)"
+        )),
+    }
+}
+
 pub fn prefix_length(text: &str, plain: bool) -> Result<u8, String> {
     match integer(text, plain)? {
         n @ 1..=32 => Ok(n as u8),

@@ -22,6 +22,7 @@ use time::OffsetDateTime;
 pub mod apply;
 pub mod approver;
 pub mod csr;
+pub mod lease;
 pub mod node;
 
 pub const BOOTSTRAP_TOKEN_TYPE: &str = "bootstrap.kubernetes.io/token";

@@ -30,6 +30,8 @@ pub const COMPONENTS: [&str; 3] = [APISERVER, CONTROLLER_MANAGER, SCHEDULER];
 pub const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
 pub const CONTROLLER_MANAGER_CONF: &str = "/etc/kubernetes/controller-manager.conf";
 pub const SCHEDULER_CONF: &str = "/etc/kubernetes/scheduler.conf";
+/// The floating endpoint keeper's kubeconfig (`cluster-api-address.service`).
+pub const API_ADDRESS_CONF: &str = "/etc/kubernetes/api-address.conf";
 /// The operator's copy of admin.conf, in the state dir.
 pub const OPERATOR_KUBECONFIG: &str = "admin.conf";
 const READY_WAIT: Duration = Duration::from_secs(300);
@@ -81,6 +83,7 @@ fn kubeconfig_path(paths: &HostPaths, client: ClientCert) -> PathBuf {
         ClientCert::Scheduler => SCHEDULER_CONF,
         ClientCert::Kubelet => super::kubelet::KUBECONFIG,
         ClientCert::KubeProxy => super::kube_proxy::KUBECONFIG,
+        ClientCert::ApiAddress => API_ADDRESS_CONF,
     })
 }
 
@@ -344,6 +347,7 @@ fn kubeconfigs(ctx: &Context) -> Result<Vec<(PathBuf, String)>, StepError> {
             ClientCert::Scheduler => "system:kube-scheduler",
             ClientCert::Kubelet => &node_user,
             ClientCert::KubeProxy => crate::pki::KUBE_PROXY_USER,
+            ClientCert::ApiAddress => crate::pki::API_ADDRESS_USER,
         };
         let render = |server: &str| {
             k8s::render_kubeconfig(
@@ -363,8 +367,13 @@ fn kubeconfigs(ctx: &Context) -> Result<Vec<(PathBuf, String)>, StepError> {
         // another master's lead. The kubelet and kube-proxy go through the
         // node's balancer, so the Node stays Ready while its own API
         // server is down. Operators reach the cluster through its endpoint.
+        // So does the floating endpoint's keeper: a restart of this node's
+        // API server (a renewed certificate, an upgrade) must not move the
+        // address, and the holder forwards to every API server anyway.
         let server = match client {
-            ClientCert::Kubelet | ClientCert::KubeProxy => crate::balancer::server_url(&ctx.node),
+            ClientCert::Kubelet | ClientCert::KubeProxy | ClientCert::ApiAddress => {
+                crate::balancer::server_url(&ctx.node)
+            }
             ClientCert::Admin | ClientCert::ControllerManager | ClientCert::Scheduler => {
                 local_server(&ctx.config, &ctx.node)
             }
@@ -524,7 +533,7 @@ impl Step for ClusterObjects {
         "cluster-objects"
     }
     fn summary(&self) -> &'static str {
-        "create the TLS-bootstrap RBAC bindings, the node agents' Node access and kube-public/cluster-info (kept when present)"
+        "create the TLS-bootstrap RBAC bindings, the node agents' Node access, the floating endpoint's Lease Role and kube-public/cluster-info (kept when present)"
     }
     async fn check(&self, _ctx: &Context) -> Result<bool, StepError> {
         // Create-or-keep is itself idempotent and cheap.
@@ -549,6 +558,7 @@ impl Step for ClusterObjects {
                 let result = async {
                     k8s::ensure_tls_bootstrap_rbac(&client).await?;
                     k8s::node::ensure_node_agent_rbac(&client).await?;
+                    k8s::lease::ensure_rbac(&client).await?;
                     k8s::ensure_cluster_info(&client, &info).await
                 }
                 .await;

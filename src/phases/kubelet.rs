@@ -73,6 +73,10 @@ pub fn phase(role: Role) -> Phase {
     }
     // Everything after it reaches the API through it.
     steps.push(Box::new(api_balancer::ApiBalancer));
+    if master {
+        // It renews its Lease through the balancer.
+        steps.push(Box::new(super::api_address::ApiAddress));
+    }
     if !master {
         steps.push(Box::new(VersionSkew));
     }

@@ -2,6 +2,7 @@
 //! list of steps executed by [`crate::engine`].
 
 pub mod addons;
+pub mod api_address;
 pub mod api_balancer;
 pub mod ceph;
 pub mod container_runtime;

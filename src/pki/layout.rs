@@ -72,10 +72,13 @@ pub enum LeafKind {
     /// The master's kube-proxy, as `system:kube-proxy` (a worker's comes
     /// from a CSR instead: its node holds no CA key).
     KubeProxy,
+    /// The floating endpoint's keeper (`crate::floating`): it may hold one
+    /// Lease, nothing else.
+    ApiAddress,
 }
 
 impl LeafKind {
-    pub const ALL: [LeafKind; 12] = [
+    pub const ALL: [LeafKind; 13] = [
         LeafKind::ApiServer,
         LeafKind::ApiServerKubeletClient,
         LeafKind::ApiServerEtcdClient,
@@ -88,6 +91,7 @@ impl LeafKind {
         LeafKind::Scheduler,
         LeafKind::Kubelet,
         LeafKind::KubeProxy,
+        LeafKind::ApiAddress,
     ];
 
     /// Path of the cert/key pair relative to the PKI dir, without extension.
@@ -105,6 +109,7 @@ impl LeafKind {
             LeafKind::Scheduler => "clients/scheduler",
             LeafKind::Kubelet => "clients/kubelet",
             LeafKind::KubeProxy => "clients/kube-proxy",
+            LeafKind::ApiAddress => "clients/api-address",
         }
     }
 
@@ -116,7 +121,8 @@ impl LeafKind {
             | LeafKind::ControllerManager
             | LeafKind::Scheduler
             | LeafKind::Kubelet
-            | LeafKind::KubeProxy => CaKind::Cluster,
+            | LeafKind::KubeProxy
+            | LeafKind::ApiAddress => CaKind::Cluster,
             LeafKind::FrontProxyClient => CaKind::FrontProxy,
             LeafKind::ApiServerEtcdClient
             | LeafKind::EtcdServer
@@ -140,15 +146,17 @@ pub enum ClientCert {
     Scheduler,
     Kubelet,
     KubeProxy,
+    ApiAddress,
 }
 
 impl ClientCert {
-    pub const ALL: [ClientCert; 5] = [
+    pub const ALL: [ClientCert; 6] = [
         ClientCert::Admin,
         ClientCert::ControllerManager,
         ClientCert::Scheduler,
         ClientCert::Kubelet,
         ClientCert::KubeProxy,
+        ClientCert::ApiAddress,
     ];
 
     pub fn leaf(self) -> LeafKind {
@@ -158,6 +166,7 @@ impl ClientCert {
             ClientCert::Scheduler => LeafKind::Scheduler,
             ClientCert::Kubelet => LeafKind::Kubelet,
             ClientCert::KubeProxy => LeafKind::KubeProxy,
+            ClientCert::ApiAddress => LeafKind::ApiAddress,
         }
     }
 }

@@ -28,6 +28,9 @@ pub const NODES_GROUP: &str = "system:nodes";
 /// kube-proxy's user: Kubernetes' bootstrap RBAC binds it to the
 /// `system:node-proxier` ClusterRole.
 pub const KUBE_PROXY_USER: &str = "system:kube-proxy";
+/// The floating endpoint keeper's user; the control-plane phase's Role
+/// lets it read and write its Lease only.
+pub const API_ADDRESS_USER: &str = "cluster-agent:api-address";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReissueReason {
@@ -201,6 +204,7 @@ pub(crate) fn profile(
         // the name is the one the kubelet registers (--hostname-override).
         LeafKind::Kubelet => client(&format!("system:node:{}", node.name), Some(NODES_GROUP)),
         LeafKind::KubeProxy => client(KUBE_PROXY_USER, None),
+        LeafKind::ApiAddress => client(API_ADDRESS_USER, None),
         LeafKind::EtcdServer => {
             let mut sans = node_sans();
             if etcd_listens_on_loopback {

@@ -31,7 +31,8 @@ pub use cert::San;
 pub use error::PkiError;
 pub use layout::{CaKind, CertKeyPaths, ClientCert, LeafKind, PKI_DIR, PkiPaths};
 pub use leaf::{
-    KUBE_PROXY_USER, LeafOutcome, LeafReport, MASTERS_GROUP, NODES_GROUP, ReissueReason,
+    API_ADDRESS_USER, KUBE_PROXY_USER, LeafOutcome, LeafReport, MASTERS_GROUP, NODES_GROUP,
+    ReissueReason,
 };
 
 use crate::config::{ClusterConfig, NodeSpec};

@@ -39,6 +39,7 @@ fn cluster() -> ClusterConfig {
                 host: "api.lab.example".into(),
                 port: 6443,
             },
+            floating_endpoint: None,
             networking: Networking {
                 pod_cidr: "10.244.0.0/16".parse().unwrap(),
                 service_cidr: "10.96.0.0/12".parse().unwrap(),
@@ -440,6 +441,7 @@ fn client_subjects_are_what_rbac_expects() {
         (LeafKind::Scheduler, "CN=system:kube-scheduler"),
         (LeafKind::Kubelet, "CN=system:node:m1,O=system:nodes"),
         (LeafKind::KubeProxy, "CN=system:kube-proxy"),
+        (LeafKind::ApiAddress, "CN=cluster-agent:api-address"),
         (
             LeafKind::ApiServerKubeletClient,
             "CN=kube-apiserver-kubelet-client,O=system:masters",

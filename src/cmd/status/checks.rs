@@ -97,6 +97,7 @@ pub const CHECKS: &[(&str, Check)] = &[
         Box::pin(container_runtime_check(p))
     }),
     ("api-balancer", |p| Box::pin(api_balancer_check(p))),
+    ("api-address", |p| Box::pin(api_address_check(p))),
     ("kubernetes", |p| Box::pin(kubernetes_check(p))),
     ("ceph", |p| Box::pin(ceph_check(p))),
 ];
@@ -235,6 +236,69 @@ async fn api_balancer_check(probe: &Probe) -> Section {
             "{:<21} {verdict} (since {}, {} connections)",
             b.address, b.since, b.connections
         ));
+    }
+    section.data = serde_json::to_value(&view).unwrap_or_default();
+    section
+}
+
+/// The floating endpoint as this master's keeper sees it: who holds the
+/// address, whether this node does, and the last failed attempt.
+async fn api_address_check(probe: &Probe) -> Section {
+    const NAME: &str = "api-address";
+    use crate::floating::View;
+    let Some(config) = &probe.config else {
+        return Section::new(NAME, Health::NotConfigured, "no usable configuration");
+    };
+    if config.cluster.floating_endpoint.is_none() {
+        return Section::new(
+            NAME,
+            Health::NotConfigured,
+            "control_plane_endpoint is not floating",
+        );
+    }
+    if !services::unit_path(&probe.paths, crate::phases::api_address::UNIT).exists() {
+        return Section::new(
+            NAME,
+            Health::NotConfigured,
+            format!(
+                "{} is not installed on this node (masters only)",
+                crate::phases::api_address::UNIT
+            ),
+        );
+    }
+    let path = probe.paths.host(crate::floating::VIEW_FILE);
+    let view: View = match std::fs::read(&path)
+        .map_err(|e| format!("{e} (is {} running?)", crate::phases::api_address::UNIT))
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(v) => v,
+        Err(e) => return Section::new(NAME, Health::Failed, format!("{}: {e}", path.display())),
+    };
+    let address = view.address;
+    let (health, summary) = match (&view.holder, view.holding) {
+        (_, true) => (
+            Health::Ok,
+            format!(
+                "this node holds {address} on {} since {}",
+                view.interface, view.since
+            ),
+        ),
+        (Some(holder), false) => (
+            Health::Ok,
+            format!("{holder} holds {address} (since {})", view.since),
+        ),
+        (None, false) => (
+            Health::Warning,
+            format!(
+                "nobody holds {address} as this node sees it (since {})",
+                view.since
+            ),
+        ),
+    };
+    let mut section = Section::new(NAME, health, summary);
+    if let Some(e) = &view.error {
+        section.health = Health::Warning;
+        section.lines.push(format!("last attempt failed: {e}"));
     }
     section.data = serde_json::to_value(&view).unwrap_or_default();
     section
