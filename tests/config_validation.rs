@@ -667,7 +667,7 @@ fn a_floating_endpoint_is_an_unowned_ipv4_address_on_the_masters_segment() {
         "bad-floating-endpoint",
         &[
             "cluster.yaml:3:27: cluster.control_plane_endpoint: 10.0.1.10 is outside control-plane node cp-1's subnet 10.0.0.0/24 (networking.prefix_length 24): the masters move a floating endpoint with ARP, which stays on one segment",
-            "cluster.yaml:3:27: cluster.control_plane_endpoint: 10.0.1.10 is node w-1's own address (cluster.yaml:7:25); a floating endpoint must be one no node has",
+            "cluster.yaml:3:27: cluster.control_plane_endpoint: 10.0.1.10 is node w-1's own address (cluster.yaml:7:21); a floating endpoint must be one no node has",
         ],
     );
     assert_errors(

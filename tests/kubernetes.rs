@@ -2003,7 +2003,10 @@ fn the_floating_endpoint_follows_a_working_master() {
     let mut requests = 0;
     while stopped.elapsed() < cluster_agent::floating::LEASE_DURATION * 2 {
         let answer = kubectl_via_vip(&c);
-        assert!(answer.is_ok(), "request {requests} through {vip}: {answer:?}");
+        assert!(
+            answer.is_ok(),
+            "request {requests} through {vip}: {answer:?}"
+        );
         requests += 1;
     }
     assert_eq!(vip_holders(&c, &vip), [first]);
@@ -2014,9 +2017,10 @@ fn the_floating_endpoint_follows_a_working_master() {
     ip_in(&c, first, &["link", "set", "eth0", "down"]);
     c.kill_daemons(first);
     let second = sole_holder(&c, &vip, &[first]);
-    wait_for(&format!("kubectl through {vip} after the power cut"), || {
-        kubectl_via_vip(&c).is_ok()
-    });
+    wait_for(
+        &format!("kubectl through {vip} after the power cut"),
+        || kubectl_via_vip(&c).is_ok(),
+    );
     eprintln!(
         "power cut: {vip} moved {first} → {second}, answering again after {:?}",
         cut.elapsed()
@@ -2050,7 +2054,10 @@ fn the_floating_endpoint_follows_a_working_master() {
     );
     let handed = Instant::now();
     let third = sole_holder(&c, &vip, &[second]);
-    eprintln!("reset: {vip} moved {second} → {third} in {:?}", handed.elapsed());
+    eprintln!(
+        "reset: {vip} moved {second} → {third} in {:?}",
+        handed.elapsed()
+    );
     wait_for(&format!("kubectl through {vip} after the reset"), || {
         kubectl_via_vip(&c).is_ok()
     });

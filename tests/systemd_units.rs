@@ -272,3 +272,25 @@ fn api_balancer_unit_exposure_stays_low() {
     );
     assert!(ok, "exposure above 2.5:\n{text}");
 }
+
+/// The floating endpoint's keeper holds CAP_NET_ADMIN and CAP_NET_RAW and
+/// nothing else; everything else as sandboxed as the balancer's.
+#[test]
+fn api_address_unit_exposure_stays_low() {
+    let root = VerifyRoot::new();
+    let paths = HostPaths::new(Path::new("/"), None, None);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/floating-endpoint");
+    let config = cluster_agent::config::load(&dir).unwrap();
+    let master = config.nodes.iter().find(|n| n.is_control_plane()).unwrap();
+    let unit = phases::rendered_units(&paths, &config, master)
+        .into_iter()
+        .find(|u| u.name == phases::api_address::UNIT)
+        .expect("a master renders the keeper when the endpoint floats");
+    root.add(&unit.name, &unit.render().unwrap(), true);
+    root.verify(&[&unit.name]).unwrap();
+    let (ok, text) = root.analyze(
+        &["security", "--offline=yes", "--threshold=25", "--no-pager"],
+        &[&unit.name],
+    );
+    assert!(ok, "exposure above 2.5:\n{text}");
+}

@@ -77,6 +77,9 @@ pub fn rendered_units(paths: &HostPaths, config: &ClusterConfig, node: &NodeSpec
         let agent = std::path::Path::new(join_service::IMAGE_AGENT);
         units.push(kubelet::render_routes_unit(paths, node, agent));
         units.push(api_balancer::render_unit(paths, node, agent));
+        if node.is_control_plane() && config.cluster.floating_endpoint.is_some() {
+            units.push(api_address::render_unit(paths, node, agent));
+        }
     }
     if node.has_role(crate::config::NodeRole::CephMon) {
         units.push(ceph::render_unit(paths, node));
