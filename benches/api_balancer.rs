@@ -29,12 +29,10 @@ mod support;
 mod lab;
 
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lab::{ms, node_root};
+use lab::{InNamespace, ms, node_root, percentile};
 
 const WORKER: &str = "w-1";
 const REQUEST_EVERY: Duration = Duration::from_millis(20);
@@ -85,7 +83,7 @@ fn main() {
         },
     );
 
-    let in_worker = InNamespace::new(WORKER, &ca);
+    let in_worker = InNamespace::new(WORKER, &ca, REQUEST_TIMEOUT);
     let direct = format!("https://{}/version", masters[0].1);
     let balanced = "https://127.0.0.1:7445/version".to_string();
     let (direct_times, balanced_times) = in_worker.latencies(&direct, &balanced, requests);
@@ -139,21 +137,7 @@ impl Cut {
     fn apply(self, dir: &Path, master: &str) {
         match self {
             Cut::ApiServerStopped => lab::kill_unit(dir, master, "kube-apiserver.service"),
-            Cut::PowerCut => {
-                let out = Command::new("ip")
-                    .args([
-                        "-n",
-                        &format!("{}{master}", lab::NETNS_PREFIX),
-                        "link",
-                        "set",
-                        "eth0",
-                        "down",
-                    ])
-                    .output()
-                    .unwrap();
-                assert!(out.status.success(), "{}", support::text(&out));
-                lab::kill_lab_daemons(dir, &[master]);
-            }
+            Cut::PowerCut => lab::power_cut(dir, master),
         }
     }
 }
@@ -209,51 +193,7 @@ fn connections(dir: &Path) -> Vec<(SocketAddr, usize)> {
         .collect()
 }
 
-fn percentile(times: &[Duration], p: usize) -> Duration {
-    let mut sorted = times.to_vec();
-    sorted.sort();
-    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
-}
-
-/// HTTPS requests from a thread that lives in a node's network namespace.
-struct InNamespace {
-    namespace: PathBuf,
-    ca: String,
-}
-
 impl InNamespace {
-    fn new(node: &str, ca: &str) -> InNamespace {
-        InNamespace {
-            namespace: PathBuf::from(format!("/run/netns/{}{node}", lab::NETNS_PREFIX)),
-            ca: ca.to_string(),
-        }
-    }
-
-    /// Runs `body` on a fresh thread moved into the namespace, with a
-    /// current-thread runtime and a pinned client.
-    fn run<T: Send + 'static>(
-        &self,
-        body: impl FnOnce(reqwest::Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>>
-        + Send
-        + 'static,
-    ) -> T {
-        let namespace = self.namespace.clone();
-        let ca = self.ca.clone();
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&namespace).unwrap();
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .expect("enter the worker's network namespace");
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let client = cluster_agent::k8s::pinned_client(&ca, REQUEST_TIMEOUT).unwrap();
-            runtime.block_on(body(client))
-        })
-        .join()
-        .unwrap()
-    }
-
     fn latencies(&self, direct: &str, balanced: &str, n: usize) -> (Vec<Duration>, Vec<Duration>) {
         let (direct, balanced) = (direct.to_string(), balanced.to_string());
         self.run(move |client| {

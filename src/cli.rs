@@ -129,6 +129,10 @@ pub struct LabUpArgs {
     /// than one master)
     #[arg(long)]
     pub netns: bool,
+    /// With --netns: the masters hold the API endpoint's address
+    /// (`<subnet>.10`, `floating_endpoint: true`) instead of it being cp-1's
+    #[arg(long, requires = "netns")]
+    pub floating_endpoint: bool,
 }
 
 #[derive(Debug, Args)]

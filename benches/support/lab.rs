@@ -138,25 +138,52 @@ pub fn kill_lab_daemons(lab: &Path, nodes: &[&str]) {
     }
 }
 
+/// `node` loses power: its link goes silent (nothing answers, nothing is
+/// reset) and every daemon dies.
+pub fn power_cut(lab: &Path, node: &str) {
+    let out = Command::new("ip")
+        .args([
+            "-n",
+            &format!("{NETNS_PREFIX}{node}"),
+            "link",
+            "set",
+            "eth0",
+            "down",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", support::text(&out));
+    kill_lab_daemons(lab, &[node]);
+}
+
 /// Kills one unit the lab's process backend started on `node`.
 pub fn kill_unit(lab: &Path, node: &str, unit: &str) {
-    kill_pid_file(
+    signal_unit(lab, node, unit, nix::sys::signal::Signal::SIGKILL);
+}
+
+/// Sends `signal` to the process group of a unit the lab's process backend
+/// started on `node` and waits until it is gone (SIGTERM: as systemd stops
+/// it).
+pub fn signal_unit(lab: &Path, node: &str, unit: &str, signal: nix::sys::signal::Signal) {
+    signal_pid_file(
         &node_root(lab, node)
             .join("run/cluster-agent")
             .join(format!("{unit}.pid")),
+        signal,
     );
 }
 
-/// SIGKILLs the process group a pid file names and waits until it is gone.
 fn kill_pid_file(path: &Path) {
+    signal_pid_file(path, nix::sys::signal::Signal::SIGKILL);
+}
+
+/// Signals the process group a pid file names and waits until it is gone.
+fn signal_pid_file(path: &Path, signal: nix::sys::signal::Signal) {
     if let Some(pid) = std::fs::read_to_string(path)
         .ok()
         .and_then(|t| t.split_whitespace().next()?.parse::<i32>().ok())
     {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal);
         wait_gone(pid);
     }
 }
@@ -260,4 +287,56 @@ impl Drop for Plain<'_> {
             let _ = child.wait();
         }
     }
+}
+
+/// HTTPS requests from a thread that lives in a node's network namespace.
+pub struct InNamespace {
+    namespace: PathBuf,
+    pub ca: String,
+    timeout: Duration,
+}
+
+impl InNamespace {
+    pub fn new(node: &str, ca: &str, timeout: Duration) -> InNamespace {
+        InNamespace {
+            namespace: PathBuf::from(format!("/run/netns/{NETNS_PREFIX}{node}")),
+            ca: ca.to_string(),
+            timeout,
+        }
+    }
+
+    /// Runs `body` on a fresh thread moved into the namespace, with a
+    /// current-thread runtime and a client pinned to the cluster CA.
+    pub fn run<T: Send + 'static>(
+        &self,
+        body: impl FnOnce(reqwest::Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>>
+        + Send
+        + 'static,
+    ) -> T {
+        let namespace = self.namespace.clone();
+        let ca = self.ca.clone();
+        let timeout = self.timeout;
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&namespace).unwrap();
+            nix::sched::setns(
+                std::os::fd::AsFd::as_fd(&file),
+                nix::sched::CloneFlags::CLONE_NEWNET,
+            )
+            .expect("enter the node's network namespace");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let client = cluster_agent::k8s::pinned_client(&ca, timeout).unwrap();
+            runtime.block_on(body(client))
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+pub fn percentile(times: &[Duration], p: usize) -> Duration {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }

@@ -283,6 +283,8 @@ fn fresh_node_gets_kubeadm_layout_and_modes() {
         "clients/kubelet.key",
         "clients/kube-proxy.crt",
         "clients/kube-proxy.key",
+        "clients/api-address.crt",
+        "clients/api-address.key",
     ]
     .into_iter()
     .map(PathBuf::from)
