@@ -349,3 +349,139 @@ fn partitioned_joiner_waits_then_completes() {
     );
     assert_voters(&rig, "cp-1", &["cp-1", "cp-2"]);
 }
+
+/// The API balancer's and the floating endpoint keeper's units as systemd
+/// runs them, sandbox and all (the rig's image has no kubelet, so the
+/// kubelet phase that installs them is skipped; the test installs them as
+/// that phase renders them, with the kubeconfig the control-plane phase
+/// writes). With no API server behind them: the balancer listens and says
+/// it has nobody to send to; the keeper removes a floating address a killed
+/// keeper left (rtnetlink under `CapabilityBoundingSet=CAP_NET_ADMIN
+/// CAP_NET_RAW`), reports ready, says it cannot reach the Lease, and both
+/// stop cleanly.
+#[test]
+fn the_balancer_and_the_address_keeper_run_in_their_sandboxes() {
+    use cluster_agent::paths::HostPaths;
+    let mut rig = Rig::new(&[("cp-1", &["control-plane"])]);
+    let ip = rig.nodes[0].ip.clone();
+    let vip = format!("{}.100", ip.rsplit_once('.').unwrap().0);
+    let config_file = rig.root("cp-1").join("etc/cluster-config/cluster.yaml");
+    let yaml = std::fs::read_to_string(&config_file).unwrap().replace(
+        &format!("control_plane_endpoint: {ip}:6443\n"),
+        &format!("control_plane_endpoint: {vip}:6443\n  floating_endpoint: true\n"),
+    );
+    assert!(yaml.contains("floating_endpoint: true"), "{yaml}");
+    std::fs::write(&config_file, &yaml).unwrap();
+    rig.boot("cp-1");
+    wait_bootstrapped(&rig, "cp-1", |_| {});
+
+    let config = cluster_agent::config::load(&rig.root("cp-1").join("etc/cluster-config")).unwrap();
+    let node = config.nodes[0].clone();
+    let inside = HostPaths::new(std::path::Path::new("/"), None, None);
+    let agent = std::path::Path::new("/usr/bin/cluster-agent");
+    let units = [
+        cluster_agent::phases::api_balancer::render_unit(&inside, &node, agent),
+        cluster_agent::phases::api_address::render_unit(&inside, &node, agent),
+    ];
+    let host = HostPaths::new(&rig.root("cp-1"), None, None);
+    for unit in &units {
+        cluster_agent::services::install_unit(&host, unit).unwrap();
+    }
+    let creds = cluster_agent::pki::read_client_credentials(
+        &host,
+        cluster_agent::pki::ClientCert::ApiAddress,
+    )
+    .unwrap();
+    let kubeconfig = cluster_agent::k8s::render_kubeconfig(
+        &config.cluster.name,
+        &cluster_agent::balancer::server_url(&node),
+        &creds.ca_pem,
+        cluster_agent::pki::API_ADDRESS_USER,
+        cluster_agent::k8s::Credentials::ClientCert {
+            cert_pem: &creds.cert_pem,
+            key_pem: &creds.key_pem,
+        },
+    );
+    cluster_agent::fsutil::write_atomic(
+        &host.host(cluster_agent::phases::control_plane::API_ADDRESS_CONF),
+        kubeconfig.as_bytes(),
+        0o600,
+    )
+    .unwrap();
+    let interface = {
+        let out = rig.exec("cp-1", "ip", &["-o", "-4", "address", "show", "to", &ip]);
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .expect("the node's interface")
+            .to_string()
+    };
+    // What a keeper killed while holding the address leaves behind.
+    let added = rig.exec(
+        "cp-1",
+        "ip",
+        &["address", "add", &format!("{vip}/32"), "dev", &interface],
+    );
+    assert!(added.status.success(), "{added:?}");
+    let has_vip = || {
+        let out = rig.exec("cp-1", "ip", &["-o", "-4", "address", "show"]);
+        String::from_utf8_lossy(&out.stdout).contains(&format!("inet {vip}/32"))
+    };
+    assert!(has_vip());
+
+    let names: Vec<&str> = units.iter().map(|u| u.name.as_str()).collect();
+    assert!(rig.exec("cp-1", "systemctl", &["daemon-reload"]).status.success());
+    let mut start = vec!["start"];
+    start.extend(&names);
+    let started = rig.exec("cp-1", "systemctl", &start);
+    assert!(
+        started.status.success(),
+        "systemctl start: {}{}",
+        String::from_utf8_lossy(&started.stderr),
+        String::from_utf8_lossy(
+            &rig.exec("cp-1", "journalctl", &["--no-pager", "-o", "cat", "-u", names[1]])
+                .stdout
+        )
+    );
+    for name in &names {
+        assert_eq!(rig.unit("cp-1", name)["ActiveState"], "active", "{name}");
+    }
+    assert!(!has_vip(), "the keeper left {vip} on {interface}");
+
+    let section = |name: &str| {
+        let out = rig.exec("cp-1", "cluster-agent", &["status", "--json"]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let balancer = wait_for("the balancer's view", Duration::from_secs(30), || {
+        let s = section("api-balancer");
+        (s["health"] == "failed" && s["summary"].as_str()?.contains("sends to 0 of 1"))
+            .then_some(s)
+    });
+    assert_eq!(
+        balancer["data"]["backends"][0]["state"], "unreachable",
+        "{balancer}"
+    );
+    let keeper = wait_for("the keeper's failed attempt", Duration::from_secs(30), || {
+        let s = section("api-address");
+        s["data"]["error"].as_str().is_some().then_some(s)
+    });
+    assert_eq!(keeper["health"], "warning", "{keeper}");
+    assert_eq!(keeper["data"]["holding"], false, "{keeper}");
+    assert_eq!(keeper["data"]["interface"], interface.as_str(), "{keeper}");
+
+    let mut stop = vec!["stop"];
+    stop.extend(&names);
+    assert!(rig.exec("cp-1", "systemctl", &stop).status.success());
+    for name in &names {
+        let unit = rig.unit("cp-1", name);
+        assert_eq!(unit["ActiveState"], "inactive", "{name}: {unit:?}");
+        assert_eq!(unit["Result"], "success", "{name}: {unit:?}");
+    }
+}
