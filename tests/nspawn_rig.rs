@@ -430,7 +430,11 @@ fn the_balancer_and_the_address_keeper_run_in_their_sandboxes() {
     assert!(has_vip());
 
     let names: Vec<&str> = units.iter().map(|u| u.name.as_str()).collect();
-    assert!(rig.exec("cp-1", "systemctl", &["daemon-reload"]).status.success());
+    assert!(
+        rig.exec("cp-1", "systemctl", &["daemon-reload"])
+            .status
+            .success()
+    );
     let mut start = vec!["start"];
     start.extend(&names);
     let started = rig.exec("cp-1", "systemctl", &start);
@@ -439,8 +443,12 @@ fn the_balancer_and_the_address_keeper_run_in_their_sandboxes() {
         "systemctl start: {}{}",
         String::from_utf8_lossy(&started.stderr),
         String::from_utf8_lossy(
-            &rig.exec("cp-1", "journalctl", &["--no-pager", "-o", "cat", "-u", names[1]])
-                .stdout
+            &rig.exec(
+                "cp-1",
+                "journalctl",
+                &["--no-pager", "-o", "cat", "-u", names[1]]
+            )
+            .stdout
         )
     );
     for name in &names {
@@ -461,17 +469,20 @@ fn the_balancer_and_the_address_keeper_run_in_their_sandboxes() {
     };
     let balancer = wait_for("the balancer's view", Duration::from_secs(30), || {
         let s = section("api-balancer");
-        (s["health"] == "failed" && s["summary"].as_str()?.contains("sends to 0 of 1"))
-            .then_some(s)
+        (s["health"] == "failed" && s["summary"].as_str()?.contains("sends to 0 of 1")).then_some(s)
     });
     assert_eq!(
         balancer["data"]["backends"][0]["state"], "unreachable",
         "{balancer}"
     );
-    let keeper = wait_for("the keeper's failed attempt", Duration::from_secs(30), || {
-        let s = section("api-address");
-        s["data"]["error"].as_str().is_some().then_some(s)
-    });
+    let keeper = wait_for(
+        "the keeper's failed attempt",
+        Duration::from_secs(30),
+        || {
+            let s = section("api-address");
+            s["data"]["error"].as_str().is_some().then_some(s)
+        },
+    );
     assert_eq!(keeper["health"], "warning", "{keeper}");
     assert_eq!(keeper["data"]["holding"], false, "{keeper}");
     assert_eq!(keeper["data"]["interface"], interface.as_str(), "{keeper}");

@@ -12,7 +12,7 @@ use crate::engine::{Context, Outcome, Step, StepError};
 use crate::paths::HostPaths;
 use crate::services::Unit;
 
-use super::api_balancer::{agent_daemon_running, agent_daemon_unit, start_agent_daemon};
+use super::api_balancer::{agent_daemon_running, agent_daemon_unit, sandboxed, start_agent_daemon};
 
 pub const UNIT: &str = "cluster-api-address.service";
 const START_WAIT: Duration = Duration::from_secs(30);
@@ -25,48 +25,6 @@ pub fn render_unit(
     node: &crate::config::NodeSpec,
     agent: &std::path::Path,
 ) -> Unit {
-    let view_dir = paths.host(crate::floating::VIEW_FILE);
-    let view_dir = view_dir
-        .parent()
-        .expect("the view file is in a directory")
-        .to_string_lossy()
-        .into_owned();
-    let hardening = [
-        (
-            "Service",
-            "CapabilityBoundingSet",
-            "CAP_NET_ADMIN CAP_NET_RAW",
-        ),
-        ("Service", "NoNewPrivileges", "yes"),
-        ("Service", "ProtectSystem", "strict"),
-        ("Service", "ProtectHome", "yes"),
-        ("Service", "PrivateTmp", "yes"),
-        ("Service", "PrivateDevices", "yes"),
-        ("Service", "ProtectKernelTunables", "yes"),
-        ("Service", "ProtectKernelModules", "yes"),
-        ("Service", "ProtectKernelLogs", "yes"),
-        ("Service", "ProtectClock", "yes"),
-        ("Service", "ProtectHostname", "yes"),
-        ("Service", "ProtectProc", "invisible"),
-        ("Service", "PrivateMounts", "yes"),
-        ("Service", "RestrictRealtime", "yes"),
-        ("Service", "RestrictSUIDSGID", "yes"),
-        ("Service", "SystemCallFilter", "@system-service"),
-        ("Service", "SystemCallFilter", "~@privileged @resources"),
-        ("Service", "SystemCallErrorNumber", "EPERM"),
-        ("Service", "UMask", "0022"),
-        ("Service", "ProtectControlGroups", "yes"),
-        (
-            "Service",
-            "RestrictAddressFamilies",
-            "AF_INET AF_INET6 AF_UNIX AF_NETLINK AF_PACKET",
-        ),
-        ("Service", "RestrictNamespaces", "yes"),
-        ("Service", "LockPersonality", "yes"),
-        ("Service", "MemoryDenyWriteExecute", "yes"),
-        ("Service", "SystemCallArchitectures", "native"),
-        ("Service", "ReadWritePaths", view_dir.as_str()),
-    ];
     agent_daemon_unit(
         paths,
         node,
@@ -74,7 +32,11 @@ pub fn render_unit(
         UNIT,
         "cluster-agent floating API address: held by one master, forwarded to every ready kube-apiserver",
         "api-address",
-        &hardening,
+        &sandboxed(
+            paths,
+            "CAP_NET_ADMIN CAP_NET_RAW",
+            "AF_INET AF_INET6 AF_UNIX AF_NETLINK AF_PACKET",
+        ),
     )
 }
 

@@ -27,7 +27,7 @@ pub(super) fn agent_daemon_unit(
     name: &str,
     description: &str,
     subcommand: &str,
-    hardening: &[(&str, &str, &str)],
+    hardening: &[(&str, &str, String)],
 ) -> Unit {
     let systemd_only = [
         ("Unit", "StartLimitIntervalSec", "0"),
@@ -35,8 +35,12 @@ pub(super) fn agent_daemon_unit(
         ("Service", "RestartPreventExitStatus", "2"),
     ]
     .iter()
-    .chain(hardening)
     .map(|(s, k, v)| (s.to_string(), k.to_string(), v.to_string()))
+    .chain(
+        hardening
+            .iter()
+            .map(|(s, k, v)| (s.to_string(), k.to_string(), v.clone())),
+    )
     .collect();
     Unit {
         name: name.into(),
@@ -63,22 +67,18 @@ pub(super) fn agent_daemon_unit(
     }
 }
 
-/// `cluster-api-balancer.service`. It only reads (the CA, cluster.yaml,
-/// kube-proxy's kubeconfig) and listens on an unprivileged port, so it
-/// runs with no capabilities and a read-only view of the system.
-pub fn render_unit(
+/// The sandbox of an agent daemon that needs nothing from the system but
+/// the network, read access, its view in [`VIEW_DIR`] and `capabilities`
+/// (a systemd capability list, empty for none); `families` are the socket
+/// address families it may use.
+pub(super) fn sandboxed(
     paths: &HostPaths,
-    node: &crate::config::NodeSpec,
-    agent: &std::path::Path,
-) -> Unit {
-    let view_dir = paths.host(crate::balancer::VIEW_FILE);
-    let view_dir = view_dir
-        .parent()
-        .expect("the view file is in a directory")
-        .to_string_lossy()
-        .into_owned();
-    let hardening = [
-        ("Service", "CapabilityBoundingSet", ""),
+    capabilities: &'static str,
+    families: &'static str,
+) -> Vec<(&'static str, &'static str, String)> {
+    let view_dir = paths.host(VIEW_DIR).to_string_lossy().into_owned();
+    let fixed = [
+        ("Service", "CapabilityBoundingSet", capabilities),
         ("Service", "NoNewPrivileges", "yes"),
         ("Service", "ProtectSystem", "strict"),
         ("Service", "ProtectHome", "yes"),
@@ -98,17 +98,36 @@ pub fn render_unit(
         ("Service", "SystemCallErrorNumber", "EPERM"),
         ("Service", "UMask", "0022"),
         ("Service", "ProtectControlGroups", "yes"),
-        (
-            "Service",
-            "RestrictAddressFamilies",
-            "AF_INET AF_INET6 AF_UNIX",
-        ),
+        ("Service", "RestrictAddressFamilies", families),
         ("Service", "RestrictNamespaces", "yes"),
         ("Service", "LockPersonality", "yes"),
         ("Service", "MemoryDenyWriteExecute", "yes"),
         ("Service", "SystemCallArchitectures", "native"),
-        ("Service", "ReadWritePaths", view_dir.as_str()),
+        // systemd makes /run/cluster-agent before it sets up the sandbox
+        // (on a freshly booted node nothing else has yet, and
+        // ReadWritePaths= of a missing directory fails the start), and
+        // keeps it when the unit stops: the units share it.
+        ("Service", "RuntimeDirectory", "cluster-agent"),
+        ("Service", "RuntimeDirectoryPreserve", "yes"),
     ];
+    fixed
+        .into_iter()
+        .map(|(s, k, v)| (s, k, v.to_string()))
+        .chain([("Service", "ReadWritePaths", view_dir)])
+        .collect()
+}
+
+/// Where the balancer and the floating endpoint's keeper write their views.
+pub const VIEW_DIR: &str = "/run/cluster-agent";
+
+/// `cluster-api-balancer.service`. It only reads (the CA, cluster.yaml,
+/// kube-proxy's kubeconfig) and listens on an unprivileged port, so it
+/// runs with no capabilities and a read-only view of the system.
+pub fn render_unit(
+    paths: &HostPaths,
+    node: &crate::config::NodeSpec,
+    agent: &std::path::Path,
+) -> Unit {
     agent_daemon_unit(
         paths,
         node,
@@ -116,7 +135,7 @@ pub fn render_unit(
         UNIT,
         "cluster-agent API balancer: this node's way to every healthy kube-apiserver",
         "api-balancer",
-        &hardening,
+        &sandboxed(paths, "", "AF_INET AF_INET6 AF_UNIX"),
     )
 }
 
@@ -172,5 +191,18 @@ impl Step for ApiBalancer {
         let unit = render_unit(&ctx.paths, &ctx.node, &super::join_service::agent_path()?);
         start_agent_daemon(ctx, &unit, START_WAIT).await?;
         Ok(Outcome::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// The sandbox opens [`super::VIEW_DIR`] only: both views must be in it.
+    #[test]
+    fn the_views_are_in_the_sandboxes_writable_directory() {
+        for view in [crate::balancer::VIEW_FILE, crate::floating::VIEW_FILE] {
+            assert_eq!(Path::new(view).parent(), Some(Path::new(super::VIEW_DIR)));
+        }
     }
 }

@@ -57,6 +57,8 @@ const SYSTEMD_ONLY_KEYS: &[(&str, &str)] = &[
     ("Service", "PrivateDevices"),
     ("Service", "PrivateMounts"),
     ("Service", "ReadWritePaths"),
+    ("Service", "RuntimeDirectory"),
+    ("Service", "RuntimeDirectoryPreserve"),
     ("Service", "ProtectKernelTunables"),
     ("Service", "ProtectKernelModules"),
     ("Service", "ProtectKernelLogs"),
