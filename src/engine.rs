@@ -54,6 +54,16 @@ pub struct Phase {
     /// Phases that must have succeeded before this one runs.
     pub requires: Vec<&'static str>,
     pub steps: Vec<Box<dyn Step>>,
+    /// The files and directories the phase's steps create on the node
+    /// (under `--root`; its units are found by their header instead):
+    /// what `reset` removes. `node` is `None` when this node cannot be
+    /// identified any more.
+    pub owns: fn(&HostPaths, Option<&NodeSpec>) -> Vec<std::path::PathBuf>,
+}
+
+/// [`Phase::owns`] of a phase that writes no file of its own.
+pub fn owns_nothing(_: &HostPaths, _: Option<&NodeSpec>) -> Vec<std::path::PathBuf> {
+    Vec::new()
 }
 
 pub struct Plan {
@@ -547,6 +557,7 @@ mod tests {
                 phases: phases
                     .into_iter()
                     .map(|(name, requires, steps)| Phase {
+                        owns: owns_nothing,
                         name,
                         requires,
                         steps,

@@ -15,9 +15,7 @@ use crate::config::NodeRole;
 use crate::etcd::survey::{self, Survey};
 use crate::etcd::{EtcdClient, EtcdError, member_id_hex, topology};
 use crate::paths::HostPaths;
-use crate::phases::node::NETWORK_FILE;
 use crate::phases::{kube_proxy, kubelet};
-use crate::pki::{LeafKind, PkiPaths};
 use crate::services::{self, ServiceManager, Unit};
 use crate::state::{LOCK_FILE, StateStore};
 use crate::wait::{self, Backoff, Poll};
@@ -238,62 +236,17 @@ pub async fn plan(
         actions.push(Action::ReloadManager);
     }
 
-    let mut created = vec![topology::data_dir(paths), paths.host(NETWORK_FILE)];
-    // The kubelet's state, certificates and pod volumes (unmounted first),
-    // every kubeconfig the agent wrote, and the pod network's config and
-    // address leases: the next run joins again from scratch.
-    created.extend(
-        [
-            kubelet::ROOT_DIR,
-            kubelet::KUBECONFIG,
-            kubelet::BOOTSTRAP_KUBECONFIG,
-            crate::phases::control_plane::ADMIN_CONF,
-            crate::phases::control_plane::CONTROLLER_MANAGER_CONF,
-            crate::phases::control_plane::SCHEDULER_CONF,
-            crate::phases::control_plane::API_ADDRESS_CONF,
-            crate::podnet::CONFLIST_FILE,
-            crate::podnet::IPAM_DIR,
-            crate::balancer::VIEW_FILE,
-            crate::floating::VIEW_FILE,
-        ]
-        .map(|p| paths.host(p)),
-    );
-    created.extend(kube_proxy::created_paths().map(|p| paths.host(p)));
-    // containerd's images, snapshots and state and the config the
-    // container-runtime phase wrote (its unit goes with the units above).
-    // Containers still running would keep their mounts under these dirs:
-    // none run before this agent starts pods.
-    created.extend(
-        [
-            crate::containerd::ROOT_DIR,
-            crate::containerd::STATE_DIR,
-            crate::containerd::CONFIG_FILE,
-        ]
-        .map(|p| paths.host(p)),
-    );
-    // The monitor's store and what the Ceph phase wrote under /etc/ceph and
-    // for OSDs; a rejoin fetches them again.
-    if let Ok(config) = super::load_config(paths)
-        && let Ok((node, _)) = super::target(global, paths, &config)
-    {
-        created.push(crate::ceph::mon_data_dir(paths, node));
-    }
-    created.extend(
-        [
-            crate::ceph::CONF_FILE,
-            crate::ceph::ADMIN_KEYRING,
-            crate::ceph::BOOTSTRAP_OSD_KEYRING,
-        ]
-        .map(|p| paths.host(p)),
-    );
-    // This node's own certificates; the shared CAs and the service-account
-    // key stay: they are the cluster's, every control-plane node holds the
-    // same, and they let this node rejoin.
-    let pki = PkiPaths::new(paths);
-    for leaf in LeafKind::ALL {
-        let p = pki.leaf(leaf);
-        created.extend([p.cert, p.key]);
-    }
+    // What every phase declares it created (a phase that never ran here
+    // has none of it), then the state dir's entries.
+    let node = super::load_config(paths).ok().and_then(|config| {
+        super::target(global, paths, &config)
+            .ok()
+            .map(|(node, _)| node.clone())
+    });
+    let mut created: Vec<PathBuf> = crate::phases::catalog()
+        .iter()
+        .flat_map(|phase| (phase.owns)(paths, node.as_ref()))
+        .collect();
     created.extend(state_entries(paths)?);
     actions.extend(
         created

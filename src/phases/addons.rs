@@ -35,6 +35,7 @@ pub fn phase() -> Phase {
         name: PHASE,
         requires: vec![control_plane::PHASE],
         steps: vec![Box::new(ApplyManifests)],
+        owns: crate::engine::owns_nothing,
     }
 }
 

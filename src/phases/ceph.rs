@@ -53,10 +53,27 @@ pub struct CephRecord {
     pub fsid: String,
 }
 
+/// The monitor's store and what the phase writes under /etc/ceph and for
+/// OSDs; a rejoin fetches them again.
+fn owns(paths: &crate::paths::HostPaths, node: Option<&crate::config::NodeSpec>) -> Vec<PathBuf> {
+    node.map(|n| ceph::mon_data_dir(paths, n))
+        .into_iter()
+        .chain(
+            [
+                ceph::CONF_FILE,
+                ceph::ADMIN_KEYRING,
+                ceph::BOOTSTRAP_OSD_KEYRING,
+            ]
+            .map(|p| paths.host(p)),
+        )
+        .collect()
+}
+
 pub fn phase() -> Phase {
     Phase {
         name: PHASE,
         requires: vec![super::node::PHASE],
+        owns,
         steps: vec![
             Box::new(Discover),
             Box::new(Keys),

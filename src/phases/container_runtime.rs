@@ -37,6 +37,18 @@ pub fn phase() -> Phase {
     Phase {
         name: PHASE,
         requires: vec![super::node::PHASE],
+        // containerd's images, snapshots and state, and its config.
+        // Containers still running would keep their mounts under these
+        // dirs: reset stops the pods first.
+        owns: |paths, _| {
+            [
+                containerd::ROOT_DIR,
+                containerd::STATE_DIR,
+                containerd::CONFIG_FILE,
+            ]
+            .map(|p| paths.host(p))
+            .to_vec()
+        },
         steps: vec![
             Box::new(Binaries),
             Box::new(Config),

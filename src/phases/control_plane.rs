@@ -40,6 +40,17 @@ pub fn phase() -> Phase {
     Phase {
         name: PHASE,
         requires: vec![super::etcd::PHASE],
+        // The operator's copy lives in the state dir, which reset empties.
+        owns: |paths, _| {
+            [
+                ADMIN_CONF,
+                CONTROLLER_MANAGER_CONF,
+                SCHEDULER_CONF,
+                API_ADDRESS_CONF,
+            ]
+            .map(|p| paths.host(p))
+            .to_vec()
+        },
         steps: vec![
             Box::new(Binaries),
             Box::new(Kubeconfigs),

@@ -63,10 +63,27 @@ pub fn rendered_units(
     vec![topology::render_unit(paths, config, node, &record)]
 }
 
+/// etcd's data and this node's own certificates (`pki-certs`); the shared
+/// CAs and the service-account key stay: they are the cluster's, every
+/// control-plane node holds the same, and they let this node rejoin.
+fn owns(
+    paths: &crate::paths::HostPaths,
+    _: Option<&crate::config::NodeSpec>,
+) -> Vec<std::path::PathBuf> {
+    let pki = pki::PkiPaths::new(paths);
+    std::iter::once(topology::data_dir(paths))
+        .chain(pki::LeafKind::ALL.into_iter().flat_map(|leaf| {
+            let pair = pki.leaf(leaf);
+            [pair.cert, pair.key]
+        }))
+        .collect()
+}
+
 pub fn phase() -> Phase {
     Phase {
         name: PHASE,
         requires: vec![super::node::PHASE],
+        owns,
         steps: vec![
             Box::new(Discover),
             Box::new(PkiCas),

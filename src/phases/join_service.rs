@@ -29,6 +29,7 @@ pub fn phase() -> Phase {
         name: PHASE,
         requires: vec![super::node::PHASE],
         steps: vec![Box::new(StartJoinService)],
+        owns: crate::engine::owns_nothing,
     }
 }
 

@@ -60,6 +60,7 @@ pub fn phase(role: Role) -> Phase {
         // The kubelet's identity asks for a worker's certificate; a
         // master's kube-proxy.conf is written with its other kubeconfigs.
         requires: vec![super::node::PHASE, kubelet::PHASE],
+        owns: |paths, _| [KUBECONFIG, STATE_DIR].map(|p| paths.host(p)).to_vec(),
         steps,
     }
 }
@@ -325,10 +326,6 @@ impl Step for Start {
 }
 
 /// Where reset finds what this phase left besides its unit.
-pub fn created_paths() -> [&'static str; 2] {
-    [KUBECONFIG, STATE_DIR]
-}
-
 /// `kube-proxy --cleanup` removes the Service rules kube-proxy left in
 /// iptables (stopping it leaves them, and they would keep DNATing to pods
 /// that are gone).

@@ -65,6 +65,24 @@ const POD_CIDR_WAIT: Duration = Duration::from_secs(120);
 const ROUTES_WAIT: Duration = Duration::from_secs(60);
 const READY_WAIT: Duration = Duration::from_secs(300);
 
+/// The kubelet's state, certificates and pod volumes (reset unmounts them
+/// first), its kubeconfigs, the pod network's config and address leases,
+/// and the balancer's and keeper's views: the next run joins again from
+/// scratch.
+fn owns(paths: &crate::paths::HostPaths, _: Option<&crate::config::NodeSpec>) -> Vec<PathBuf> {
+    [
+        ROOT_DIR,
+        KUBECONFIG,
+        BOOTSTRAP_KUBECONFIG,
+        podnet::CONFLIST_FILE,
+        podnet::IPAM_DIR,
+        crate::balancer::VIEW_FILE,
+        crate::floating::VIEW_FILE,
+    ]
+    .map(|p| paths.host(p))
+    .to_vec()
+}
+
 pub fn phase(role: Role) -> Phase {
     let master = role != Role::Worker;
     let mut steps: Vec<Box<dyn Step>> = vec![Box::new(KubeletBinary)];
@@ -97,6 +115,7 @@ pub fn phase(role: Role) -> Phase {
         name: PHASE,
         requires,
         steps,
+        owns,
     }
 }
 

@@ -50,6 +50,22 @@ pub fn build(role: Role, ceph_role: CephRole) -> Plan {
     Plan { phases }
 }
 
+/// Every phase a node can run, each once: `reset` undoes what they own,
+/// whatever role this node had (its configuration may have changed since).
+pub fn catalog() -> Vec<crate::engine::Phase> {
+    vec![
+        node::phase(),
+        etcd::phase(),
+        ceph::phase(),
+        join_service::phase(),
+        control_plane::phase(),
+        addons::phase(),
+        container_runtime::phase(),
+        kubelet::phase(Role::Worker),
+        kube_proxy::phase(Role::Worker),
+    ]
+}
+
 /// Nodes whose plan has a kubelet, and so a container runtime before it:
 /// every Kubernetes node, masters included (kubeadm's masters are Nodes
 /// too, tainted so that ordinary pods stay off).
@@ -290,4 +306,55 @@ pub(crate) async fn fetch_join_material<T>(
             "the join service answered with {answered} material to a {purpose} request"
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// A phase a plan can hold but the catalog lacks would leave its files
+    /// behind every reset.
+    #[test]
+    fn the_catalog_holds_every_phase_a_plan_can_run_once() {
+        let catalog: Vec<&str> = catalog().iter().map(|p| p.name).collect();
+        let unique: BTreeSet<&str> = catalog.iter().copied().collect();
+        assert_eq!(unique.len(), catalog.len(), "{catalog:?}");
+        let roles = [Role::MasterFirst, Role::MasterAdditional, Role::Worker];
+        let ceph_roles = [CephRole::None, CephRole::MonFirst, CephRole::MonAdditional];
+        for role in roles {
+            for ceph_role in ceph_roles {
+                for phase in build(role, ceph_role).phases {
+                    assert!(
+                        unique.contains(phase.name),
+                        "{role:?}/{ceph_role:?}: {}",
+                        phase.name
+                    );
+                }
+            }
+        }
+    }
+
+    /// What the phases own is under `--root`, and the shared CA material
+    /// that lets a node rejoin is not among it.
+    #[test]
+    fn phases_own_only_files_under_the_root_and_not_the_shared_cas() {
+        let root = std::path::Path::new("/tmp/some-node");
+        let paths = HostPaths::new(root, None, None);
+        let pki = crate::pki::PkiPaths::new(&paths);
+        let owned: Vec<std::path::PathBuf> = catalog()
+            .iter()
+            .flat_map(|p| (p.owns)(&paths, None))
+            .collect();
+        assert!(owned.iter().all(|p| p.starts_with(root)), "{owned:?}");
+        for ca in crate::pki::CaKind::ALL {
+            let pair = pki.ca(ca);
+            assert!(!owned.contains(&pair.cert) && !owned.contains(&pair.key));
+        }
+        assert!(!owned.contains(&pki.sa_key()));
+        for kubeconfig in [control_plane::ADMIN_CONF, kubelet::BOOTSTRAP_KUBECONFIG] {
+            assert!(owned.contains(&paths.host(kubeconfig)), "{kubeconfig}");
+        }
+    }
 }

@@ -22,6 +22,7 @@ pub fn phase() -> Phase {
     Phase {
         name: PHASE,
         requires: vec![],
+        owns: |paths, _| vec![paths.host(NETWORK_FILE)],
         steps: vec![
             Box::new(NetworkConfig),
             Box::new(Hostname),
