@@ -467,12 +467,21 @@ fn the_balancer_and_the_address_keeper_run_in_their_sandboxes() {
             .unwrap()
             .clone()
     };
-    let balancer = wait_for("the balancer's view", Duration::from_secs(30), || {
-        let s = section("api-balancer");
-        (s["health"] == "failed" && s["summary"].as_str()?.contains("sends to 0 of 1")).then_some(s)
-    });
-    assert_eq!(
-        balancer["data"]["backends"][0]["state"], "unreachable",
+    // Unchecked at first, then out once its first check has failed.
+    let balancer = wait_for(
+        "the balancer's failed check",
+        Duration::from_secs(30),
+        || {
+            let s = section("api-balancer");
+            (s["data"]["backends"][0]["state"] == "unreachable").then_some(s)
+        },
+    );
+    assert_eq!(balancer["health"], "failed", "{balancer}");
+    assert!(
+        balancer["summary"]
+            .as_str()
+            .unwrap()
+            .contains("sends to 0 of 1 API servers"),
         "{balancer}"
     );
     let keeper = wait_for(
