@@ -106,6 +106,85 @@ fn lab_up_status_down_leaves_nothing_behind() {
     assert!(!dir.exists());
 }
 
+/// `--netns --floating-endpoint`: the API endpoint is an address no node
+/// has, held by the master, and the exported kubeconfig reaches the API
+/// through it from a node's network.
+#[test]
+fn a_lab_with_a_floating_endpoint_answers_on_it() {
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("lab");
+    let d = dir.to_str().unwrap();
+    let up = lab(&[
+        "up",
+        "--dir",
+        d,
+        "--netns",
+        "--floating-endpoint",
+        "--masters",
+        "1",
+        "--workers",
+        "1",
+        "--ceph-mons",
+        "0",
+    ]);
+    let down = || {
+        let out = lab(&["down", "--dir", d]);
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    if !up.status.success() {
+        down();
+        panic!("{}", text(&up));
+    }
+    let stdout = String::from_utf8_lossy(&up.stdout);
+    let kubeconfig = stdout
+        .lines()
+        .last()
+        .and_then(|l| l.strip_prefix("export KUBECONFIG="))
+        .unwrap_or_else(|| panic!("no export line: {stdout}"))
+        .to_string();
+    let endpoint = "198.19.250.10";
+    assert!(
+        std::fs::read_to_string(&kubeconfig)
+            .unwrap()
+            .contains(&format!("server: https://{endpoint}:6443")),
+        "{kubeconfig}"
+    );
+    // The keeper reports ready before its first campaign; poll.
+    let has_address = || {
+        let out = Command::new("ip")
+            .args([
+                "-n",
+                "calab-cp-1",
+                "-4",
+                "-o",
+                "address",
+                "show",
+                "dev",
+                "eth0",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains(&format!("inet {endpoint}/32"))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut held = has_address();
+    while !held && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        held = has_address();
+    }
+    let ready = Command::new("nsenter")
+        .arg("--net=/run/netns/calab-w-1")
+        .arg("--")
+        .arg(support::built_binary("kubectl"))
+        .args(["--kubeconfig", &kubeconfig, "get", "--raw", "/readyz"])
+        .output()
+        .unwrap();
+    down();
+    assert!(held, "cp-1 never held {endpoint}");
+    assert!(ready.status.success(), "{}", text(&ready));
+    assert_eq!(String::from_utf8_lossy(&ready.stdout), "ok");
+}
+
 #[test]
 fn several_masters_without_namespaces_are_refused_plainly() {
     let base = tempfile::tempdir().unwrap();
