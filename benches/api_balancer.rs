@@ -56,24 +56,13 @@ fn main() {
     if lab::runs("api_balancer", "API_BALANCER_BENCH_RUNS").is_none() {
         return;
     }
-    let requests: usize = std::env::var("API_BALANCER_BENCH_REQUESTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
+    let requests = lab::count("API_BALANCER_BENCH_REQUESTS", 2000);
     let base = tempfile::tempdir().unwrap();
     let dir = base.path().join("lab");
-    let started = Instant::now();
-    let mut up = lab::lab_up(
+    lab::lab_up_ok(
         &dir,
         &["--masters", "3", "--workers", "1", "--ceph-mons", "0"],
     );
-    let status = up.wait().unwrap();
-    assert!(
-        status.success(),
-        "lab up failed ({status}); see {}/*/agent.log",
-        dir.display()
-    );
-    println!("lab up: {:.0} ms", ms(started.elapsed()));
     let config = cluster_agent::config::load(&node_root(&dir, WORKER).join("etc/cluster-config"))
         .expect("the lab's cluster.yaml");
     let masters: Vec<(String, SocketAddr)> = config
@@ -330,33 +319,6 @@ fn connections(dir: &Path) -> Vec<(SocketAddr, usize)> {
 }
 
 impl InNamespace {
-    fn latencies(&self, direct: &str, balanced: &str, n: usize) -> (Vec<Duration>, Vec<Duration>) {
-        let (direct, balanced) = (direct.to_string(), balanced.to_string());
-        self.run(move |client| {
-            Box::pin(async move {
-                let time = |url: String| {
-                    let client = client.clone();
-                    async move {
-                        let started = Instant::now();
-                        let answer = client.get(&url).send().await.expect("GET /version");
-                        assert!(answer.status().is_success(), "{url}: {}", answer.status());
-                        answer.bytes().await.unwrap();
-                        started.elapsed()
-                    }
-                };
-                // Warm both connections (TCP, TLS) first.
-                time(direct.clone()).await;
-                time(balanced.clone()).await;
-                let (mut d, mut b) = (Vec::new(), Vec::new());
-                for _ in 0..n {
-                    d.push(time(direct.clone()).await);
-                    b.push(time(balanced.clone()).await);
-                }
-                (d, b)
-            })
-        })
-    }
-
     /// Cuts the master the loop's connection goes to: when the balancer
     /// showed it out, and the longest gap between successes.
     fn fail_over(

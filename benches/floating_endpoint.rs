@@ -44,14 +44,10 @@ fn main() {
     if lab::runs("floating_endpoint", "FLOATING_BENCH_RUNS").is_none() {
         return;
     }
-    let requests: usize = std::env::var("FLOATING_BENCH_REQUESTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
+    let requests = lab::count("FLOATING_BENCH_REQUESTS", 2000);
     let base = tempfile::tempdir().unwrap();
     let dir = base.path().join("lab");
-    let started = Instant::now();
-    let mut up = lab::lab_up(
+    lab::lab_up_ok(
         &dir,
         &[
             "--masters",
@@ -63,13 +59,6 @@ fn main() {
             "--floating-endpoint",
         ],
     );
-    let status = up.wait().unwrap();
-    assert!(
-        status.success(),
-        "lab up failed ({status}); see {}/*/agent.log",
-        dir.display()
-    );
-    println!("lab up: {:.0} ms", ms(started.elapsed()));
     let config = cluster_agent::config::load(&node_root(&dir, WORKER).join("etc/cluster-config"))
         .expect("the lab's cluster.yaml");
     let floating = SocketAddr::from((
@@ -92,7 +81,7 @@ fn main() {
 
     let direct = format!("https://{}/version", address_of(first));
     let via = format!("https://{floating}/version");
-    let (direct_times, via_times) = latencies(&in_worker, &direct, &via, requests);
+    let (direct_times, via_times) = in_worker.latencies(&direct, &via, requests);
     let (d50, d99) = (percentile(&direct_times, 50), percentile(&direct_times, 99));
     let (f50, f99) = (percentile(&via_times, 50), percentile(&via_times, 99));
     println!(
@@ -170,38 +159,6 @@ fn holder(dir: &Path, not: &[&str]) -> Option<&'static str> {
             .ok()
             .and_then(|b| serde_json::from_slice::<cluster_agent::floating::View>(&b).ok())
             .is_some_and(|v| v.holding)
-    })
-}
-
-fn latencies(
-    in_worker: &InNamespace,
-    direct: &str,
-    via: &str,
-    n: usize,
-) -> (Vec<Duration>, Vec<Duration>) {
-    let (direct, via) = (direct.to_string(), via.to_string());
-    in_worker.run(move |client| {
-        Box::pin(async move {
-            let time = |url: String| {
-                let client = client.clone();
-                async move {
-                    let started = Instant::now();
-                    let answer = client.get(&url).send().await.expect("GET /version");
-                    assert!(answer.status().is_success(), "{url}: {}", answer.status());
-                    answer.bytes().await.unwrap();
-                    started.elapsed()
-                }
-            };
-            // Warm both connections (TCP, TLS) first.
-            time(direct.clone()).await;
-            time(via.clone()).await;
-            let (mut d, mut f) = (Vec::new(), Vec::new());
-            for _ in 0..n {
-                d.push(time(direct.clone()).await);
-                f.push(time(via.clone()).await);
-            }
-            (d, f)
-        })
     })
 }
 

@@ -1132,15 +1132,7 @@ fn the_nodes_keep_the_api_when_a_master_goes() {
         refused.contains("Unable to connect to the server"),
         "{refused}"
     );
-    let status = c.run("w-1", &["status", "--json"]);
-    let report: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    let section = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "api-balancer")
-        .unwrap()
-        .clone();
+    let section = status_section(&c, "w-1", "api-balancer");
     assert_eq!(section["health"], "failed", "{section}");
     assert!(
         section["summary"]
@@ -1167,13 +1159,8 @@ fn the_nodes_keep_the_api_when_a_master_goes() {
     for m in ["cp-1", "cp-2"] {
         run_ok(&c, m);
     }
-    let reset = c.run("cp-2", &["reset", "--yes"]);
-    assert!(reset.status.success(), "{}", text(&reset));
-    let done = String::from_utf8_lossy(&reset.stdout);
-    let at = |what: &str| {
-        done.find(what)
-            .unwrap_or_else(|| panic!("{what:?} not in:\n{done}"))
-    };
+    let done = reset_ok(&c, "cp-2");
+    let at = |what: &str| position(&done, what);
     assert!(
         at("done: delete Node cp-2") < at("done: stop kube-apiserver.service"),
         "{done}"
@@ -1191,6 +1178,20 @@ fn the_nodes_keep_the_api_when_a_master_goes() {
             balancer_state(&c, w, &cp2) == "unreachable"
         });
     }
+}
+
+/// `reset --yes` on `node`, which must succeed: what it printed.
+fn reset_ok(c: &Cluster, node: &str) -> String {
+    let reset = c.run(node, &["reset", "--yes"]);
+    assert!(reset.status.success(), "{}", text(&reset));
+    String::from_utf8_lossy(&reset.stdout).into_owned()
+}
+
+/// Where `what` is in `output`, which must hold it.
+fn position(output: &str, what: &str) -> usize {
+    output
+        .find(what)
+        .unwrap_or_else(|| panic!("{what:?} not in:\n{output}"))
 }
 
 fn pod_routes(c: &Cluster, node: &str) -> Vec<String> {
@@ -2045,13 +2046,8 @@ fn the_floating_endpoint_follows_a_working_master() {
 
     // A reset stops the keeper before its API server, so it releases the
     // Lease and the next master need not wait it out.
-    let reset = c.run(second, &["reset", "--yes"]);
-    assert!(reset.status.success(), "{}", text(&reset));
-    let done = String::from_utf8_lossy(&reset.stdout);
-    let at = |what: &str| {
-        done.find(what)
-            .unwrap_or_else(|| panic!("{what:?} not in:\n{done}"))
-    };
+    let done = reset_ok(&c, second);
+    let at = |what: &str| position(&done, what);
     assert!(
         at("done: stop cluster-api-address.service") < at("done: stop kube-apiserver.service"),
         "{done}"

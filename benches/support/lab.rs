@@ -75,6 +75,26 @@ pub fn lab_up(lab: &Path, args: &[&str]) -> Child {
         .expect("run cluster-agent lab up")
 }
 
+/// [`lab_up`] to success, with how long it took printed.
+pub fn lab_up_ok(lab: &Path, args: &[&str]) {
+    let started = Instant::now();
+    let status = lab_up(lab, args).wait().unwrap();
+    assert!(
+        status.success(),
+        "lab up failed ({status}); see {}/*/agent.log",
+        lab.display()
+    );
+    println!("lab up: {:.0} ms", ms(started.elapsed()));
+}
+
+/// A count from the environment variable `env`, else `default`.
+pub fn count(env: &str, default: usize) -> usize {
+    std::env::var(env)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub fn lab_down(lab: &Path) {
     let out = Command::new(support::AGENT)
         .args(["lab", "down", "--dir"])
@@ -332,6 +352,36 @@ impl InNamespace {
         })
         .join()
         .unwrap()
+    }
+}
+
+impl InNamespace {
+    /// `GET` of `a` and `b` in turn, `n` times each, each on its own
+    /// kept-alive connection (warmed first): the two series of latencies.
+    pub fn latencies(&self, a: &str, b: &str, n: usize) -> (Vec<Duration>, Vec<Duration>) {
+        let (a, b) = (a.to_string(), b.to_string());
+        self.run(move |client| {
+            Box::pin(async move {
+                let time = |url: String| {
+                    let client = client.clone();
+                    async move {
+                        let started = Instant::now();
+                        let answer = client.get(&url).send().await.expect("GET");
+                        assert!(answer.status().is_success(), "{url}: {}", answer.status());
+                        answer.bytes().await.unwrap();
+                        started.elapsed()
+                    }
+                };
+                time(a.clone()).await;
+                time(b.clone()).await;
+                let (mut first, mut second) = (Vec::new(), Vec::new());
+                for _ in 0..n {
+                    first.push(time(a.clone()).await);
+                    second.push(time(b.clone()).await);
+                }
+                (first, second)
+            })
+        })
     }
 }
 
