@@ -46,6 +46,14 @@ pub struct Interface {
     pub mac: Option<[u8; 6]>,
 }
 
+fn carries(entry: &nix::ifaddrs::InterfaceAddress, address: Ipv4Addr) -> bool {
+    entry
+        .address
+        .as_ref()
+        .and_then(|a| a.as_sockaddr_in())
+        .is_some_and(|a| a.ip() == address)
+}
+
 /// The interface that has `address`, in this network namespace.
 pub fn interface_with(address: Ipv4Addr) -> Result<Interface, HostNetError> {
     let entries: Vec<_> = nix::ifaddrs::getifaddrs()
@@ -53,12 +61,7 @@ pub fn interface_with(address: Ipv4Addr) -> Result<Interface, HostNetError> {
         .collect();
     let name = entries
         .iter()
-        .find(|e| {
-            e.address
-                .as_ref()
-                .and_then(|a| a.as_sockaddr_in())
-                .is_some_and(|a| a.ip() == address)
-        })
+        .find(|e| carries(e, address))
         .map(|e| e.interface_name.clone())
         .ok_or(HostNetError::NoInterface(address))?;
     let link = entries
@@ -82,12 +85,7 @@ pub fn interface_with(address: Ipv4Addr) -> Result<Interface, HostNetError> {
 pub fn has_address(address: Ipv4Addr) -> Result<bool, HostNetError> {
     Ok(nix::ifaddrs::getifaddrs()
         .map_err(HostNetError::List)?
-        .any(|e| {
-            e.address
-                .as_ref()
-                .and_then(|a| a.as_sockaddr_in())
-                .is_some_and(|a| a.ip() == address)
-        }))
+        .any(|e| carries(&e, address)))
 }
 
 const RTM_NEWADDR: u16 = 20;

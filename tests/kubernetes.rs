@@ -971,11 +971,23 @@ fn admin_via_balancer(c: &Cluster, node: &str) -> PathBuf {
 /// kubectl as the admin through `node`'s balancer; `Err` with its output
 /// when it fails.
 fn kubectl_via(c: &Cluster, node: &str, args: &[&str]) -> Result<String, String> {
+    kubectl_result(c, node, &admin_via_balancer(c, node), "10s", args)
+}
+
+/// kubectl with `kubeconfig` inside `node`'s network; `Err` with its output
+/// when it fails.
+fn kubectl_result(
+    c: &Cluster,
+    node: &str,
+    kubeconfig: &Path,
+    timeout: &str,
+    args: &[&str],
+) -> Result<String, String> {
     let out = c
         .command_on(node, built_binary("kubectl"))
         .arg("--kubeconfig")
-        .arg(admin_via_balancer(c, node))
-        .arg("--request-timeout=10s")
+        .arg(kubeconfig)
+        .arg(format!("--request-timeout={timeout}"))
         .args(args)
         .output()
         .unwrap();
@@ -1938,19 +1950,7 @@ fn kubectl_via_vip(c: &Cluster) -> Result<String, String> {
     if !copy.exists() {
         std::fs::copy(admin(c), &copy).unwrap();
     }
-    let out = c
-        .command_on("w-1", built_binary("kubectl"))
-        .arg("--kubeconfig")
-        .arg(&copy)
-        .arg("--request-timeout=2s")
-        .args(["get", "--raw", "/readyz"])
-        .output()
-        .unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8(out.stdout).unwrap())
-    } else {
-        Err(text(&out))
-    }
+    kubectl_result(c, "w-1", &copy, "2s", &["get", "--raw", "/readyz"])
 }
 
 fn status_section(c: &Cluster, node: &str, name: &str) -> serde_json::Value {

@@ -9,11 +9,11 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::api::rbac::v1::PolicyRule;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
 
-use super::{K8sError, api_error, create_or_keep, subject_names};
+use super::{K8sError, api_error};
 
 pub const NAMESPACE: &str = "kube-system";
 pub const NAME: &str = "cluster-api-address";
@@ -24,11 +24,6 @@ pub const ROLE: &str = "cluster-agent:api-address";
 /// Lets the keepers' user get and update the Lease, and create it (RBAC
 /// cannot limit `create` by name), nothing else.
 pub async fn ensure_rbac(client: &kube::Client) -> Result<(), K8sError> {
-    let meta = || ObjectMeta {
-        name: Some(ROLE.into()),
-        namespace: Some(NAMESPACE.into()),
-        ..Default::default()
-    };
     let rule = |verbs: &[&str], names: Option<Vec<String>>| PolicyRule {
         api_groups: Some(vec!["coordination.k8s.io".into()]),
         resources: Some(vec!["leases".into()]),
@@ -36,39 +31,15 @@ pub async fn ensure_rbac(client: &kube::Client) -> Result<(), K8sError> {
         verbs: verbs.iter().map(|v| v.to_string()).collect(),
         ..Default::default()
     };
-    let role = Role {
-        metadata: meta(),
-        rules: Some(vec![
+    super::ensure_role_for_user(
+        client,
+        NAMESPACE,
+        ROLE,
+        vec![
             rule(&["get", "update"], Some(vec![NAME.into()])),
             rule(&["create"], None),
-        ]),
-    };
-    create_or_keep(
-        &Api::namespaced(client.clone(), NAMESPACE),
-        &role,
-        &format!("role {NAMESPACE}/{ROLE}"),
-        |r: &Role| format!("{:?}", r.rules),
-    )
-    .await?;
-    let binding = RoleBinding {
-        metadata: meta(),
-        role_ref: RoleRef {
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            kind: "Role".into(),
-            name: ROLE.into(),
-        },
-        subjects: Some(vec![Subject {
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            kind: "User".into(),
-            name: crate::pki::API_ADDRESS_USER.into(),
-            namespace: None,
-        }]),
-    };
-    create_or_keep(
-        &Api::namespaced(client.clone(), NAMESPACE),
-        &binding,
-        &format!("rolebinding {NAMESPACE}/{ROLE}"),
-        |b: &RoleBinding| format!("{}→{:?}", b.role_ref.name, subject_names(&b.subjects)),
+        ],
+        crate::pki::API_ADDRESS_USER,
     )
     .await
 }

@@ -465,26 +465,44 @@ fn cluster_info_kubeconfig(map: &ConfigMap) -> Option<&str> {
 /// `system:anonymous` may `get` `kube-public/cluster-info`, and nothing
 /// else (kubeadm's Role and RoleBinding of the same name).
 async fn ensure_cluster_info_readable(client: &kube::Client) -> Result<(), K8sError> {
-    let meta = || ObjectMeta {
-        name: Some(CLUSTER_INFO_READER.into()),
-        namespace: Some("kube-public".into()),
-        ..Default::default()
-    };
-    let role = Role {
-        metadata: meta(),
-        rules: Some(vec![PolicyRule {
+    ensure_role_for_user(
+        client,
+        "kube-public",
+        CLUSTER_INFO_READER,
+        vec![PolicyRule {
             api_groups: Some(vec![String::new()]),
             resources: Some(vec!["configmaps".into()]),
             resource_names: Some(vec![CLUSTER_INFO.into()]),
             verbs: vec!["get".into()],
             ..Default::default()
-        }]),
+        }],
+        "system:anonymous",
+    )
+    .await
+}
+
+/// The Role `namespace/name` with `rules`, bound (a RoleBinding of the same
+/// name) to `user` alone; existing ones must say the same.
+pub(crate) async fn ensure_role_for_user(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    rules: Vec<PolicyRule>,
+    user: &str,
+) -> Result<(), K8sError> {
+    let meta = || ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(namespace.into()),
+        ..Default::default()
     };
-    let what = format!("role kube-public/{CLUSTER_INFO_READER}");
+    let role = Role {
+        metadata: meta(),
+        rules: Some(rules),
+    };
     create_or_keep(
-        &Api::namespaced(client.clone(), "kube-public"),
+        &Api::namespaced(client.clone(), namespace),
         &role,
-        &what,
+        &format!("role {namespace}/{name}"),
         |r: &Role| format!("{:?}", r.rules),
     )
     .await?;
@@ -493,20 +511,19 @@ async fn ensure_cluster_info_readable(client: &kube::Client) -> Result<(), K8sEr
         role_ref: RoleRef {
             api_group: Some("rbac.authorization.k8s.io".into()),
             kind: "Role".into(),
-            name: CLUSTER_INFO_READER.into(),
+            name: name.into(),
         },
         subjects: Some(vec![Subject {
             api_group: Some("rbac.authorization.k8s.io".into()),
             kind: "User".into(),
-            name: "system:anonymous".into(),
+            name: user.into(),
             namespace: None,
         }]),
     };
-    let what = format!("rolebinding kube-public/{CLUSTER_INFO_READER}");
     create_or_keep(
-        &Api::namespaced(client.clone(), "kube-public"),
+        &Api::namespaced(client.clone(), namespace),
         &binding,
-        &what,
+        &format!("rolebinding {namespace}/{name}"),
         |b: &RoleBinding| format!("{}→{:?}", b.role_ref.name, subject_names(&b.subjects)),
     )
     .await
