@@ -12,6 +12,14 @@
 //!   poll the admin socket until in quorum; growing: `ceph mon getmap`,
 //!   mkfs, start, poll.
 //!
+//! * HEALTH_OK with a manager, first monitor only: from the start (of
+//!   `cluster-agent run`, or of the raw script) until `ceph mgr dump` shows
+//!   an available active manager and `ceph health` says HEALTH_OK, both
+//!   polled the same way. The raw script adds `ceph auth get-or-create
+//!   mgr.<id>`, the keyring file and `ceph-mgr` to its monitor steps; the
+//!   agent's run includes its other phases (node, join service). Both
+//!   clusters get the tests' overrides (no OSDs, a full disk).
+//!
 //! `CEPH_BENCH_RUNS` (default 3) runs; medians are printed with the ratio
 //! agent / raw (target ≤ 1.2).
 //!
@@ -38,21 +46,33 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (mut agent_first, mut agent_three, mut raw_first, mut raw_three) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut agent_healthy, mut raw_healthy) = (Vec::new(), Vec::new());
     for run in 0..runs {
-        let (first, three) = agent(run);
-        let (rfirst, rthree) = rt.block_on(raw());
+        let (first, three, healthy) = agent(run);
+        let (rfirst, rthree, rhealthy) = rt.block_on(raw());
         println!(
-            "run {run}: agent first {:>6.0} ms, three {:>6.0} ms | raw first {:>6.0} ms, three {:>6.0} ms",
+            "run {run}: agent first {:>6.0} ms, three {:>6.0} ms, HEALTH_OK+mgr {:>6.0} ms | raw first {:>6.0} ms, three {:>6.0} ms, HEALTH_OK+mgr {:>6.0} ms",
             ms(first),
             ms(three),
+            ms(healthy),
             ms(rfirst),
-            ms(rthree)
+            ms(rthree),
+            ms(rhealthy)
         );
         agent_first.push(first);
         agent_three.push(three);
         raw_first.push(rfirst);
         raw_three.push(rthree);
+        agent_healthy.push(healthy);
+        raw_healthy.push(rhealthy);
     }
+    let (ah, rh) = (median(agent_healthy), median(raw_healthy));
+    println!(
+        "median HEALTH_OK, mgr:   agent {:>6.0} ms  raw {:>6.0} ms  ratio {:.2}",
+        ms(ah),
+        ms(rh),
+        ah.as_secs_f64() / rh.as_secs_f64()
+    );
     let (af, at, rf, rt3) = (
         median(agent_first),
         median(agent_three),
@@ -82,14 +102,47 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// Agent: time from process start to "in quorum" per monitor.
-fn agent(run: usize) -> (Duration, Duration) {
+/// The tests' overrides: no OSDs here, and a disk fuller than Ceph likes.
+const OVERRIDES: &str = "--mon_data_avail_warn=1 --mon_warn_on_too_few_osds=false";
+
+/// Polls until the managers' map has an available active one and the
+/// cluster is HEALTH_OK; the moment it saw both.
+fn wait_healthy(conf: &str, keyring: &str) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let ask = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new("ceph")
+            .args(["--connect-timeout", "10", "-c", conf])
+            .args(args)
+            .args(["-f", "json"])
+            .env("CEPH_ARGS", format!("--keyring {keyring}"))
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    loop {
+        if ask(&["mgr", "dump"])["available"] == true && ask(&["health"])["status"] == "HEALTH_OK" {
+            return Instant::now();
+        }
+        assert!(Instant::now() < deadline, "never HEALTH_OK with a manager");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Agent: time from process start to "in quorum" per monitor, and the
+/// first monitor's time to HEALTH_OK with its manager.
+fn agent(run: usize) -> (Duration, Duration, Duration) {
     let spec: Vec<(&str, &[&str])> = std::iter::once(("cp-0", &["control-plane"][..]))
         .chain(MONS.iter().map(|m| (*m, &["ceph-mon"][..])))
         .collect();
     let c = Cluster::new(&spec);
+    for node in MONS {
+        let defaults = c.root(node).join("etc/default/ceph");
+        std::fs::create_dir_all(defaults.parent().unwrap()).unwrap();
+        std::fs::write(&defaults, format!("CEPH_ARGS=\"{OVERRIDES}\"\n")).unwrap();
+    }
     let mut total = Duration::ZERO;
     let mut first = Duration::ZERO;
+    let mut healthy = Duration::ZERO;
     let stamp = |step: &serde_json::Value, field: &str| -> SystemTime {
         time::OffsetDateTime::parse(
             step[field].as_str().expect("stamped"),
@@ -100,6 +153,7 @@ fn agent(run: usize) -> (Duration, Duration) {
     };
     for (i, node) in MONS.iter().enumerate() {
         let started = SystemTime::now();
+        let began = Instant::now();
         let out = c.run(node, &["run"]);
         assert!(
             out.status.success(),
@@ -117,6 +171,14 @@ fn agent(run: usize) -> (Duration, Duration) {
         let took = stamp(&step, "finished_at").duration_since(started).unwrap();
         if i == 0 {
             first = took;
+            let root = c.root(node);
+            healthy = wait_healthy(
+                &root.join("etc/ceph/ceph.conf").to_string_lossy(),
+                &root
+                    .join("etc/ceph/ceph.client.admin.keyring")
+                    .to_string_lossy(),
+            )
+            .duration_since(began);
             let start_step = stamp(&step, "finished_at")
                 .duration_since(stamp(&step, "started_at"))
                 .unwrap();
@@ -127,7 +189,7 @@ fn agent(run: usize) -> (Duration, Duration) {
         }
         total += took;
     }
-    (first, total)
+    (first, total, healthy)
 }
 
 struct RawMon {
@@ -169,14 +231,15 @@ async fn wait_quorum(asok: &Path) {
     }
 }
 
-/// The raw steps, for three monitors on their own loopback /24.
-async fn raw() -> (Duration, Duration) {
+/// The raw steps, for three monitors on their own loopback /24, and a
+/// manager beside the first.
+async fn raw() -> (Duration, Duration, Duration) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let subnet = support::loopback_subnet();
     let ip = |i: usize| format!("127.{subnet}.0.{}", 21 + i);
     let p = |rel: &str| -> String { d.join(rel).to_string_lossy().into_owned() };
-    for sub in ["run", "log", "mon"] {
+    for sub in ["run", "log", "mon", "mgr/ceph-r0"] {
         std::fs::create_dir_all(d.join(sub)).unwrap();
     }
     let conf = p("ceph.conf");
@@ -201,6 +264,7 @@ async fn raw() -> (Duration, Duration) {
                     "--public-addr",
                     &ip(i),
                 ])
+                .env("CEPH_ARGS", OVERRIDES)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -286,8 +350,9 @@ async fn raw() -> (Duration, Duration) {
     std::fs::write(
         &conf,
         format!(
-            "[global]\nfsid = {fsid}\nmon_host = {}\npublic_network = 127.{subnet}.0.0/24\nauth_cluster_required = cephx\nauth_service_required = cephx\nauth_client_required = cephx\nms_bind_ipv6 = false\nrun_dir = {run}\nadmin_socket = {run}/$cluster-$name.asok\nlog_file = {log}/$cluster-$name.log\n[mon]\nmon_data = {mon}/$cluster-$id\n",
+            "[global]\nfsid = {fsid}\nmon_host = {}\npublic_network = 127.{subnet}.0.0/24\nauth_cluster_required = cephx\nauth_service_required = cephx\nauth_client_required = cephx\nms_bind_ipv6 = false\nrun_dir = {run}\nadmin_socket = {run}/$cluster-$name.asok\nlog_file = {log}/$cluster-$name.log\n[mon]\nmon_data = {mon}/$cluster-$id\nmgr_initial_modules = iostat nfs\n[mgr]\nmgr_data = {mgr}/$cluster-$id\nkeyring = {mgr}/$cluster-$id/keyring\n",
             mon_host.join(","),
+            mgr = p("mgr"),
             run = p("run"),
             log = p("log"),
             mon = p("mon"),
@@ -313,6 +378,40 @@ async fn raw() -> (Duration, Duration) {
     let mut mons = vec![start_mon(0)];
     wait_quorum(&asok(0)).await;
     let first = t0.elapsed();
+    let admin_env = [("CEPH_ARGS", format!("--keyring {keyring} {OVERRIDES}"))];
+    let mgr_keyring = p("mgr/ceph-r0/keyring");
+    tool(
+        "ceph",
+        &[
+            "--connect-timeout",
+            "10",
+            "-c",
+            &conf,
+            "auth",
+            "get-or-create",
+            "mgr.r0",
+            "mon",
+            "allow profile mgr",
+            "osd",
+            "allow *",
+            "mds",
+            "allow *",
+            "-o",
+            &mgr_keyring,
+        ],
+        &admin_env,
+    );
+    mons.push(RawMon {
+        child: Command::new("ceph-mgr")
+            .args(["-f", "--cluster", "ceph", "--id", "r0", "-c", &conf])
+            .args(["--public-addr", &ip(0)])
+            .env("CEPH_ARGS", OVERRIDES)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    });
+    let healthy = wait_healthy(&conf, &keyring).duration_since(t0);
 
     let mut three = first;
     for i in 1..3 {
@@ -339,5 +438,5 @@ async fn raw() -> (Duration, Duration) {
         three += t.elapsed();
     }
     drop(mons);
-    (first, three)
+    (first, three, healthy)
 }

@@ -133,6 +133,10 @@ pub struct LabUpArgs {
     /// (`<subnet>.10`, `floating_endpoint: true`) instead of it being cp-1's
     #[arg(long, requires = "netns")]
     pub floating_endpoint: bool,
+    /// The monitors' managers serve Ceph's dashboard over HTTPS
+    /// (`ceph.dashboard: true`; monitors must be on masters)
+    #[arg(long)]
+    pub ceph_dashboard: bool,
 }
 
 #[derive(Debug, Args)]

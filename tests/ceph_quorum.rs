@@ -19,6 +19,9 @@ const CEPH_STEPS: &[&str] = &[
     "ceph-mon-mkfs",
     "ceph-mon-config",
     "ceph-mon-start",
+    "ceph-mgr-key",
+    "ceph-mgr-config",
+    "ceph-mgr-start",
 ];
 
 /// `names` as monitor-only nodes, plus the control-plane node every
@@ -43,12 +46,28 @@ fn require_ceph() {
 }
 
 /// The test machines' disks are fuller than Ceph's 30 % free-space warning
-/// allows; operators set such overrides the same way.
+/// allows, and the test clusters have no OSDs (which the managers would
+/// rightly warn about). A lost manager is noticed after 10 s instead of 30
+/// (more than the monitors' 5 s tick plus the manager's 2 s beacon, or
+/// every tick is taken for a stall), and "no active mgr" is raised after
+/// 3 s instead of 60 and 120. Operators set such overrides the same way.
 fn allow_full_disk(c: &Cluster, node: &str) {
     let defaults = c.root(node).join("etc/default/ceph");
     std::fs::create_dir_all(defaults.parent().unwrap()).unwrap();
-    std::fs::write(&defaults, "CEPH_ARGS=\"--mon_data_avail_warn=1\"\n").unwrap();
+    std::fs::write(
+        &defaults,
+        format!(
+            "CEPH_ARGS=\"--mon_data_avail_warn=1 --mon_warn_on_too_few_osds=false \
+             --mon_mgr_beacon_grace={MGR_BEACON_GRACE} --mon_mgr_inactive_grace={MGR_GRACE} \
+             --mon_mgr_mkfs_grace={MGR_GRACE}\"\n"
+        ),
+    )
+    .unwrap();
 }
+
+const MGR_BEACON_GRACE: u64 = 10;
+/// `mon_mgr_mkfs_grace` and `mon_mgr_inactive_grace`, in seconds.
+const MGR_GRACE: u64 = 3;
 
 /// The monitors in quorum, sorted (Ceph lists them by rank).
 fn quorum_names(status: &serde_json::Value) -> Vec<String> {
@@ -103,7 +122,8 @@ fn fsid(c: &Cluster, node: &str) -> String {
 }
 
 /// One cluster, exactly `nodes` in its monmap and quorum, one fsid on
-/// every node, every Ceph step done, `HEALTH_OK`.
+/// every node, every Ceph step done, a manager per node (one active, the
+/// others standby), `HEALTH_OK`.
 fn assert_quorum(c: &Cluster, nodes: &[&str]) {
     let status = ceph_json(c, nodes[0], &["quorum_status"]);
     assert_eq!(quorum_names(&status), nodes, "{status:#}");
@@ -122,10 +142,12 @@ fn assert_quorum(c: &Cluster, nodes: &[&str]) {
             .filter(|(s, _)| s.starts_with("ceph-"))
             .collect();
         assert!(done.iter().all(|(_, st)| st == "done"), "{node}: {done:?}");
+        let mgr_keyring = format!("var/lib/ceph/mgr/ceph-{node}/keyring");
         for key in [
             "etc/ceph/ceph.client.admin.keyring",
             "var/lib/ceph/bootstrap-osd/ceph.keyring",
             "var/lib/cluster-state/ceph-mon.keyring",
+            &mgr_keyring,
         ] {
             let mode = std::fs::metadata(c.root(node).join(key))
                 .unwrap()
@@ -134,6 +156,18 @@ fn assert_quorum(c: &Cluster, nodes: &[&str]) {
             assert_eq!(mode & 0o777, 0o600, "{node}: {key}");
         }
     }
+    for node in nodes {
+        let auth = ceph_json(c, nodes[0], &["auth", "get", &format!("mgr.{node}")]);
+        assert_eq!(
+            auth[0]["caps"],
+            serde_json::json!({"mds": "allow *", "mon": "allow profile mgr", "osd": "allow *"}),
+            "the caps Ceph documents for a manager: {auth:#}"
+        );
+    }
+    let (active, mut standbys) = wait_for_managers(c, nodes[0], nodes.len());
+    standbys.push(active);
+    standbys.sort();
+    assert_eq!(standbys, nodes, "one manager per monitor node");
     // Health settles a moment after quorum; poll, never sleep blindly.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -142,6 +176,30 @@ fn assert_quorum(c: &Cluster, nodes: &[&str]) {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{health:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// (active, standbys) once the mgr map has an available active manager and
+/// `count` managers in all.
+fn wait_for_managers(c: &Cluster, via: &str, count: usize) -> (String, Vec<String>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let map = ceph_json(c, via, &["mgr", "dump"]);
+        let active = map["active_name"].as_str().unwrap_or_default().to_string();
+        let standbys: Vec<String> = map["standbys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect();
+        if map["available"] == true && standbys.len() + 1 == count {
+            return (active, standbys);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not {count} managers with one active: active {active:?}, standbys {standbys:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -359,8 +417,9 @@ fn a_master_seeds_ceph_while_its_etcd_waits_for_the_first_master() {
     run.wait().unwrap();
 }
 
-/// `reset` on a monitor takes it out of the monmap through the quorum
-/// before stopping it; the next `run` brings it back. The last monitor is
+/// `reset` on a monitor stops its manager and deletes its key, then takes
+/// the monitor out of the monmap through the quorum before stopping it;
+/// the next `run` brings both back. The last monitor is
 /// not removed without --force.
 #[test]
 fn reset_leaves_the_monmap_and_run_rejoins() {
@@ -375,12 +434,27 @@ fn reset_leaves_the_monmap_and_run_rejoins() {
         "{}",
         text(&dry)
     );
+    let stop_mgr = position(&dry, "stop ceph-mgr@m-3.service");
+    let forget_mgr = position(&dry, "delete Ceph manager m-3's key (mgr.m-3)");
+    let leave = position(&dry, "remove Ceph monitor m-3 from the monmap");
+    assert!(
+        stop_mgr < forget_mgr && forget_mgr < leave,
+        "{}",
+        text(&dry)
+    );
     let out = c.run("m-3", &["reset", "--yes"]);
     assert!(out.status.success(), "{}", text(&out));
     let status = ceph_json(&c, "m-1", &["quorum_status"]);
     assert_eq!(quorum_names(&status), ["m-1", "m-2"], "{status:#}");
     assert_eq!(status["monmap"]["mons"].as_array().unwrap().len(), 2);
     assert!(!c.root("m-3").join("var/lib/ceph/mon/ceph-m-3").exists());
+    assert!(!c.root("m-3").join("var/lib/ceph/mgr/ceph-m-3").exists());
+    let key = ceph(&c, "m-1", &["auth", "get", "mgr.m-3"]);
+    assert_eq!(key.status.code(), Some(2), "ENOENT: {}", text(&key));
+    let (_, standbys) = wait_for_managers(&c, "m-1", 2);
+    assert!(!standbys.contains(&"m-3".to_string()), "{standbys:?}");
+    // The operator's overrides are not the agent's to remove.
+    assert!(c.root("m-3").join("etc/default/ceph").exists());
     run_ok(&c, "m-3");
     assert_quorum(&c, &["m-1", "m-2", "m-3"]);
 
@@ -395,4 +469,95 @@ fn reset_leaves_the_monmap_and_run_rejoins() {
             .join("var/lib/ceph/mon/ceph-m-1/done")
             .exists()
     );
+}
+
+/// A manager beside every monitor: one active, two standby. The active one
+/// SIGKILLed, a standby takes over within the (shortened) beacon grace and
+/// serves manager commands; the cluster stays HEALTH_OK longer than the
+/// shortened `mon_mgr_mkfs_grace`/`mon_mgr_inactive_grace`; the next run
+/// brings the lost manager back as a standby; with every manager gone,
+/// `status` warns.
+#[test]
+fn a_standby_manager_takes_over_from_a_lost_active_one() {
+    let nodes = ["m-1", "m-2", "m-3"];
+    let c = mons(&nodes);
+    let children: Vec<_> = nodes.iter().map(|n| (*n, spawn_run(&c, n, None))).collect();
+    for (node, child) in children {
+        finish(node, child);
+    }
+    assert_quorum(&c, &nodes);
+    assert_healthy_for(&c, "m-1", Duration::from_secs(MGR_GRACE + 2));
+    // A command only an active manager answers.
+    let balancer = ceph_json(&c, "m-1", &["balancer", "status"]);
+    assert!(balancer.get("mode").is_some(), "{balancer:#}");
+
+    let (lost, _) = wait_for_managers(&c, "m-1", 3);
+    c.stop_unit(&lost, &format!("ceph-mgr@{lost}.service"));
+    let killed = std::time::Instant::now();
+    let deadline = killed + Duration::from_secs(MGR_BEACON_GRACE * 4);
+    let successor = loop {
+        let map = ceph_json(&c, "m-1", &["mgr", "dump"]);
+        let active = map["active_name"].as_str().unwrap_or_default();
+        if map["available"] == true && !active.is_empty() && active != lost {
+            break active.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no standby took over from {lost}: {map:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "manager {successor} active {:?} after {lost} was killed",
+        killed.elapsed()
+    );
+    let balancer = ceph_json(&c, "m-1", &["balancer", "status"]);
+    assert!(balancer.get("mode").is_some(), "{balancer:#}");
+    assert_healthy_for(&c, "m-1", Duration::from_secs(MGR_GRACE + 2));
+
+    // The lost manager's node runs again: it comes back as a standby.
+    run_ok(&c, &lost);
+    let (active, standbys) = wait_for_managers(&c, "m-1", 3);
+    assert_eq!(active, successor);
+    assert!(standbys.contains(&lost), "{standbys:?}");
+    let managers = c.status_section(&lost, "ceph")["data"]["managers"].clone();
+    assert_eq!(managers["active"], successor.as_str(), "{managers:#}");
+
+    // Every manager gone: the mgr map and `status` say so. (Ceph 16 raises
+    // MGR_DOWN only for a cluster with OSDs, which these have none of.)
+    for n in nodes {
+        c.stop_unit(n, &format!("ceph-mgr@{n}.service"));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(MGR_BEACON_GRACE * 4);
+    while ceph_json(&c, "m-1", &["mgr", "dump"])["available"] == true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the monitors still see an active manager"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let section = c.status_section("m-2", "ceph");
+    assert_eq!(section["health"], "warning", "{section:#}");
+    assert!(
+        section["data"]["managers"]["active"].is_null(),
+        "{section:#}"
+    );
+}
+
+/// Where `line` starts in the output, or a failure showing it.
+fn position(out: &Output, line: &str) -> usize {
+    let all = text(out);
+    all.find(line)
+        .unwrap_or_else(|| panic!("no {line:?} in: {all}"))
+}
+
+/// HEALTH_OK at every look for `window`: an observation over time, not a
+/// wait for readiness.
+fn assert_healthy_for(c: &Cluster, via: &str, window: Duration) {
+    let end = std::time::Instant::now() + window;
+    while std::time::Instant::now() < end {
+        let health = ceph_json(c, via, &["health"]);
+        assert_eq!(health["status"], "HEALTH_OK", "{health:#}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cluster_agent::config::{
-    self, BootstrapSettings, CephNetworks, ClusterConfig, ClusterSettings, ConfigError,
+    self, BootstrapSettings, CephSettings, ClusterConfig, ClusterSettings, ConfigError,
     ContainerdSettings, Endpoint, EtcdSettings, ImageReference, KubeletSettings, MacAddr,
     Networking, NodeRole, NodeSpec, Severity, ValidationReport,
 };
@@ -120,9 +120,10 @@ fn valid_full_config_loads_exactly() {
                     .map(|(k, v)| (k.to_owned(), v.to_owned()))
                     .into(),
             },
-            ceph: Some(CephNetworks {
+            ceph: Some(CephSettings {
                 public_network: "192.168.0.0/23".parse().unwrap(),
                 cluster_network: "10.10.0.0/24".parse().unwrap(),
+                dashboard: false,
             }),
         },
         nodes: vec![
@@ -680,6 +681,27 @@ fn a_floating_endpoint_is_an_unowned_ipv4_address_on_the_masters_segment() {
         "bad-floating-endpoint-bool",
         &[
             "cluster.yaml:4:22: cluster.floating_endpoint: \"yes\" is not a boolean (expected true or false, unquoted)",
+        ],
+    );
+}
+
+#[test]
+fn the_ceph_dashboard_is_served_by_monitors_on_masters() {
+    let config = load_ok("ceph-dashboard");
+    assert!(config.cluster.ceph.as_ref().unwrap().dashboard);
+    assert!(!load_ok("valid-full").cluster.ceph.unwrap().dashboard);
+    let why = "cannot serve the dashboard (ceph.dashboard: true at cluster.yaml:5:16): its certificate is issued from the cluster CA, whose key only control-plane nodes hold; add control-plane or set dashboard: false";
+    assert_errors(
+        "bad-ceph-dashboard",
+        &[
+            &format!("cluster.yaml:8:39: nodes[1].roles: a ceph-mon node without role control-plane {why}"),
+            &format!("cluster.yaml:9:39: nodes[2].roles: a ceph-mon node without role control-plane {why}"),
+        ],
+    );
+    assert_errors(
+        "bad-ceph-dashboard-bool",
+        &[
+            "cluster.yaml:5:16: cluster.ceph.dashboard: \"true\" is not a boolean (expected true or false, unquoted)",
         ],
     );
 }

@@ -1144,7 +1144,7 @@ fn the_nodes_keep_the_api_when_a_master_goes() {
         refused.contains("Unable to connect to the server"),
         "{refused}"
     );
-    let section = status_section(&c, "w-1", "api-balancer");
+    let section = c.status_section("w-1", "api-balancer");
     assert_eq!(section["health"], "failed", "{section}");
     assert!(
         section["summary"]
@@ -1953,18 +1953,6 @@ fn kubectl_via_vip(c: &Cluster) -> Result<String, String> {
     kubectl_result(c, "w-1", &copy, "2s", &["get", "--raw", "/readyz"])
 }
 
-fn status_section(c: &Cluster, node: &str, name: &str) -> serde_json::Value {
-    let status = c.run(node, &["status", "--json"]);
-    let report: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("no {name} in {report}"))
-        .clone()
-}
-
 /// With `floating_endpoint: true` the masters elect one holder of the
 /// endpoint's address through their Lease: it has the address, announces
 /// it (w-1's neighbour entry follows it) and forwards to every ready API
@@ -1981,7 +1969,7 @@ fn the_floating_endpoint_follows_a_working_master() {
     wait_for("w-1's neighbour entry to name the holder", || {
         neighbour_mac(&c, &vip) == Some(mac_of(&c, first))
     });
-    let section = status_section(&c, first, "api-address");
+    let section = c.status_section(first, "api-address");
     assert_eq!(section["health"], "ok", "{section}");
     assert!(
         section["summary"]
@@ -1991,7 +1979,7 @@ fn the_floating_endpoint_follows_a_working_master() {
         "{section}"
     );
     let other = MASTERS.into_iter().find(|m| *m != first).unwrap();
-    let section = status_section(&c, other, "api-address");
+    let section = c.status_section(other, "api-address");
     assert!(
         section["summary"]
             .as_str()
@@ -2041,7 +2029,7 @@ fn the_floating_endpoint_follows_a_working_master() {
     assert!(vip_holders(&c, &vip).contains(&first));
     run_ok(&c, first);
     assert_eq!(sole_holder(&c, &vip, &[]), second);
-    let section = status_section(&c, first, "api-address");
+    let section = c.status_section(first, "api-address");
     assert_eq!(section["health"], "ok", "{section}");
 
     // A reset stops the keeper before its API server, so it releases the

@@ -216,3 +216,150 @@ fn without_the_built_binaries_the_lab_says_how_to_build_them() {
     );
     assert!(!d.exists(), "nothing laid out");
 }
+
+/// `--ceph-dashboard`: the monitor's manager serves Ceph's dashboard over
+/// HTTPS with a certificate from the cluster CA (`openssl verify` agrees,
+/// curl pinned to that CA connects), and the generated admin password,
+/// 0600 on the node and in no log, logs in.
+#[test]
+fn a_lab_with_the_ceph_dashboard_serves_it_over_tls_from_the_cluster_ca() {
+    support::require_tool("curl", "curl");
+    support::require_tool("openssl", "openssl");
+    support::require_tool("ceph-mgr", "ceph-mgr");
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("lab");
+    let d = dir.to_str().unwrap();
+    let up = lab(&[
+        "up",
+        "--dir",
+        d,
+        "--masters",
+        "1",
+        "--workers",
+        "0",
+        "--ceph-mons",
+        "1",
+        "--ceph-dashboard",
+    ]);
+    let down = || {
+        let out = lab(&["down", "--dir", d]);
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    if !up.status.success() {
+        down();
+        panic!("{}", text(&up));
+    }
+    let root = dir.join("cp-1");
+    let status = Command::new(AGENT)
+        .arg("--root")
+        .arg(&root)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&status.stdout).unwrap_or_else(|_| panic!("{}", text(&status)));
+    let ceph = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "ceph")
+        .cloned()
+        .unwrap();
+    let url = ceph["data"]["dashboard"].as_str().map(str::to_string);
+    let ca = root.join("etc/kubernetes/pki/ca.crt");
+    let cert = root.join("etc/ceph/dashboard/dashboard.crt");
+    let verify = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(&ca)
+        .arg(&cert)
+        .output()
+        .unwrap();
+    let password_file = root.join("etc/ceph/dashboard/admin-password");
+    let password = std::fs::read_to_string(&password_file).unwrap_or_default();
+    let mode = std::fs::metadata(&password_file)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .unwrap_or_default();
+    let login = url.as_ref().map(|url| {
+        Command::new("curl")
+            .args(["-sS", "--max-time", "20", "--cacert"])
+            .arg(&ca)
+            .args(["-X", "POST", "-w", "\n%{http_code}"])
+            .args(["-H", "Accept: application/vnd.ceph.api.v1.0+json"])
+            .args(["-H", "Content-Type: application/json"])
+            .args([
+                "-d",
+                &serde_json::json!({"username": "admin", "password": password}).to_string(),
+            ])
+            .arg(format!("{url}api/auth"))
+            .output()
+            .unwrap()
+    });
+    let wrong = url.as_ref().map(|url| {
+        Command::new("curl")
+            .args(["-sS", "--max-time", "20", "--cacert"])
+            .arg(&ca)
+            .args(["-X", "POST", "-w", "\n%{http_code}"])
+            .args(["-H", "Accept: application/vnd.ceph.api.v1.0+json"])
+            .args(["-H", "Content-Type: application/json"])
+            .args(["-d", r#"{"username": "admin", "password": "not-it"}"#])
+            .arg(format!("{url}api/auth"))
+            .output()
+            .unwrap()
+    });
+    // The monitors' store keeps it (where every monitor node reads it);
+    // nothing else may: no log, no journal, no unit.
+    let mon_store = root.join("var/lib/ceph/mon");
+    let leaked: Vec<_> = grep_tree(&dir, &password)
+        .into_iter()
+        .filter(|p| !p.starts_with(&mon_store))
+        .collect();
+    down();
+
+    let url = url.unwrap_or_else(|| panic!("no dashboard in status: {ceph:#}"));
+    assert!(url.starts_with("https://127.77.0.11:8443"), "{url}");
+    assert!(verify.status.success(), "{}", text(&verify));
+    assert_eq!(password.len(), 24, "a generated password");
+    assert_eq!(mode, 0o600);
+    let login = login.unwrap();
+    let answer = String::from_utf8_lossy(&login.stdout);
+    assert!(
+        answer.ends_with("\n201") && answer.contains("\"token\""),
+        "{}",
+        text(&login)
+    );
+    // The dashboard answers bad credentials with 400 and this code.
+    let refused = String::from_utf8_lossy(&wrong.unwrap().stdout).into_owned();
+    assert!(
+        refused.ends_with("\n400") && refused.contains("invalid_credentials"),
+        "{refused}"
+    );
+    assert_eq!(
+        leaked,
+        vec![password_file.clone()],
+        "the password is in its own file only"
+    );
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn grep_tree(dir: &Path, needle: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file()
+                && std::fs::read(&path)
+                    .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}

@@ -1,7 +1,8 @@
 //! The one seam to Ceph: keys in Ceph's own format, `ceph.conf` and
 //! keyrings from cluster.yaml, the monitor's admin socket, and the few
 //! Ceph tools the monitor's birth needs (`monmaptool`, `ceph-mon --mkfs`,
-//! `ceph mon getmap`).
+//! `ceph mon getmap`), and the manager's key and map (`ceph auth`,
+//! `ceph mgr dump`).
 //!
 //! Every path is under `--root`, including the ones ceph.conf names
 //! (`mon_data`, `run_dir`, `admin_socket`, `log_file`), so a test root is
@@ -27,6 +28,7 @@ pub const BOOTSTRAP_OSD_KEYRING: &str = "/var/lib/ceph/bootstrap-osd/ceph.keyrin
 /// Debian's ceph units read it too; the place for `CEPH_ARGS` overrides.
 pub const DEFAULTS_FILE: &str = "/etc/default/ceph";
 pub const MON_BINARY: &str = "/usr/bin/ceph-mon";
+pub const MGR_BINARY: &str = "/usr/bin/ceph-mgr";
 pub const MSGR2_PORT: u16 = 3300;
 pub const MSGR1_PORT: u16 = 6789;
 /// `CEPH_CRYPTO_AES`, the only key type Ceph uses for cephx.
@@ -41,6 +43,9 @@ pub enum CephError {
     Command {
         command: String,
         status: String,
+        /// The exit code: the `ceph` CLI exits with the errno the cluster
+        /// answered (22 EINVAL, 2 ENOENT, 110 ETIMEDOUT, ...).
+        code: Option<i32>,
         stderr: String,
     },
     #[error("cannot run `{program}`: {source}; this image must ship ceph-mon and ceph-common")]
@@ -143,6 +148,12 @@ pub const ADMIN_CAPS: &[(&str, &str)] = &[
     ("osd", "allow *"),
 ];
 pub const MON_CAPS: &[(&str, &str)] = &[("mon", "allow *")];
+/// What Ceph's manual deployment guide gives a manager.
+pub const MGR_CAPS: &[(&str, &str)] = &[
+    ("mds", "allow *"),
+    ("mon", "allow profile mgr"),
+    ("osd", "allow *"),
+];
 pub const BOOTSTRAP_OSD_CAPS: &[(&str, &str)] =
     &[("mgr", "allow r"), ("mon", "profile bootstrap-osd")];
 
@@ -157,6 +168,24 @@ pub fn mon_data_dir(paths: &HostPaths, node: &NodeSpec) -> PathBuf {
 
 pub fn admin_socket(paths: &HostPaths, node: &NodeSpec) -> PathBuf {
     paths.host(format!("/run/ceph/{CLUSTER}-mon.{}.asok", mon_id(node)))
+}
+
+/// The manager id of a node: its name, like its monitor's.
+pub fn mgr_id(node: &NodeSpec) -> &str {
+    &node.name
+}
+
+pub fn mgr_entity(node: &NodeSpec) -> String {
+    format!("mgr.{}", mgr_id(node))
+}
+
+pub fn mgr_data_dir(paths: &HostPaths, node: &NodeSpec) -> PathBuf {
+    paths.host(format!("/var/lib/ceph/mgr/{CLUSTER}-{}", mgr_id(node)))
+}
+
+/// Where ceph.conf's `[mgr] keyring` points for this node's manager.
+pub fn mgr_keyring(paths: &HostPaths, node: &NodeSpec) -> PathBuf {
+    mgr_data_dir(paths, node).join("keyring")
 }
 
 /// `[v2:IP:3300,v1:IP:6789]` of one monitor.
@@ -192,7 +221,15 @@ pub fn render_conf(paths: &HostPaths, config: &ClusterConfig, fsid: &str) -> Str
          log_file = {log}/$cluster-$name.log\n\
          \n\
          [mon]\n\
-         mon_data = {mon}/$cluster-$id\n",
+         mon_data = {mon}/$cluster-$id\n\
+         # Ceph 16's default adds restful, which cannot load on Debian 12: its\n\
+         # python3-cryptography (PyO3) initialises once per process, and\n\
+         # another manager module has. The dashboard serves the REST API.\n\
+         mgr_initial_modules = iostat nfs\n\
+         \n\
+         [mgr]\n\
+         mgr_data = {mgr}/$cluster-$id\n\
+         keyring = {mgr}/$cluster-$id/keyring\n",
         mon_host = mons
             .iter()
             .map(|n| mon_addrs(n))
@@ -203,6 +240,7 @@ pub fn render_conf(paths: &HostPaths, config: &ClusterConfig, fsid: &str) -> Str
         run = host("/run/ceph"),
         log = host("/var/log/ceph"),
         mon = host("/var/lib/ceph/mon"),
+        mgr = host("/var/lib/ceph/mgr"),
     )
 }
 
@@ -329,6 +367,7 @@ async fn run(
             .collect::<Vec<_>>()
             .join(" "),
         status: out.status.to_string(),
+        code: out.status.code(),
         stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
     })
 }
@@ -376,11 +415,7 @@ pub async fn quorum_status(
         &["quorum_status".as_ref(), "-f".as_ref(), "json".as_ref()],
     )
     .await?;
-    let v: serde_json::Value = serde_json::from_slice(&out).map_err(|e| CephError::Command {
-        command: "ceph quorum_status".into(),
-        status: "ok".into(),
-        stderr: format!("printed no JSON: {e}"),
-    })?;
+    let v: serde_json::Value = parse_json("ceph quorum_status", &out)?;
     let names = |list: &serde_json::Value, key: Option<&str>| -> Vec<String> {
         list.as_array()
             .into_iter()
@@ -477,6 +512,308 @@ pub async fn fetch_monmap(conf: &Path, admin_keyring: &Path, out: &Path) -> Resu
             "getmap".as_ref(),
             "-o".as_ref(),
             out.as_os_str(),
+        ],
+    )
+    .await
+    .map(drop)
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(command: &str, out: &[u8]) -> Result<T, CephError> {
+    serde_json::from_slice(out).map_err(|e| CephError::Command {
+        command: command.into(),
+        status: "ok".into(),
+        code: Some(0),
+        stderr: format!("printed no JSON we understand: {e}"),
+    })
+}
+
+/// `ceph auth get-or-create`: the key `entity` has in the cluster's auth
+/// database, made with `caps` if it has none. Asking twice gives the same
+/// key; an entity that exists with other caps is refused (EINVAL).
+pub async fn get_or_create_key(
+    conf: &Path,
+    admin_keyring: &Path,
+    entity: &str,
+    caps: &[(&str, &str)],
+) -> Result<CephKey, CephError> {
+    let mut args: Vec<&std::ffi::OsStr> = vec!["auth".as_ref(), "get-or-create".as_ref()];
+    args.push(entity.as_ref());
+    for (service, cap) in caps {
+        args.push(service.as_ref());
+        args.push(cap.as_ref());
+    }
+    args.extend::<[&std::ffi::OsStr; 2]>(["-f".as_ref(), "json".as_ref()]);
+    let out = admin_cli(conf, admin_keyring, CLI_CONNECT_TIMEOUT, &args).await?;
+    #[derive(Deserialize)]
+    struct Entry {
+        entity: String,
+        key: String,
+    }
+    let entries: Vec<Entry> = parse_json("ceph auth get-or-create", &out)?;
+    entries
+        .into_iter()
+        .find(|e| e.entity == entity)
+        .and_then(|e| CephKey::parse(&e.key))
+        .ok_or_else(|| CephError::Command {
+            command: format!("ceph auth get-or-create {entity}"),
+            status: "ok".into(),
+            code: Some(0),
+            stderr: "the answer holds no key for it".into(),
+        })
+}
+
+/// `ceph auth del`: `entity` loses its key; one that has none already is
+/// success.
+pub async fn delete_key(conf: &Path, admin_keyring: &Path, entity: &str) -> Result<(), CephError> {
+    admin_cli(
+        conf,
+        admin_keyring,
+        CLI_CONNECT_TIMEOUT,
+        &["auth".as_ref(), "del".as_ref(), entity.as_ref()],
+    )
+    .await
+    .map(drop)
+}
+
+/// The managers the monitors know: the active one (if any has taken over)
+/// and the standbys.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct MgrMap {
+    pub active_name: String,
+    /// The active manager has loaded its modules and serves commands.
+    pub available: bool,
+    #[serde(deserialize_with = "standby_names")]
+    pub standbys: Vec<String>,
+}
+
+fn standby_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    struct Standby {
+        name: String,
+    }
+    Ok(Vec::<Standby>::deserialize(d)?
+        .into_iter()
+        .map(|s| s.name)
+        .collect())
+}
+
+impl MgrMap {
+    /// `id` is the available active manager or a standby.
+    pub fn serves(&self, id: &str) -> bool {
+        (self.available && self.active_name == id) || self.standbys.iter().any(|s| s == id)
+    }
+
+    pub fn active(&self) -> Option<&str> {
+        (self.available && !self.active_name.is_empty()).then_some(self.active_name.as_str())
+    }
+}
+
+/// `ceph mgr dump` through the quorum.
+pub async fn mgr_map(
+    conf: &Path,
+    admin_keyring: &Path,
+    connect_timeout: Duration,
+) -> Result<MgrMap, CephError> {
+    let out = admin_cli(
+        conf,
+        admin_keyring,
+        connect_timeout,
+        &[
+            "mgr".as_ref(),
+            "dump".as_ref(),
+            "-f".as_ref(),
+            "json".as_ref(),
+        ],
+    )
+    .await?;
+    parse_json("ceph mgr dump", &out)
+}
+
+/// The errno the `ceph` CLI exits with for a key, user or entity that does
+/// not exist.
+const ENOENT: i32 = 2;
+
+/// The admin CLI with plain string arguments and the usual connect bound.
+async fn admin(conf: &Path, admin_keyring: &Path, args: &[&str]) -> Result<Vec<u8>, CephError> {
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    admin_cli(conf, admin_keyring, CLI_CONNECT_TIMEOUT, &args).await
+}
+
+/// `None` for an answer of ENOENT, the output otherwise.
+fn unless_missing(result: Result<Vec<u8>, CephError>) -> Result<Option<Vec<u8>>, CephError> {
+    match result {
+        Ok(out) => Ok(Some(out)),
+        Err(CephError::Command {
+            code: Some(ENOENT), ..
+        }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The value of `key` in the monitors' config-key store.
+pub async fn config_key_get(
+    conf: &Path,
+    admin_keyring: &Path,
+    key: &str,
+) -> Result<Option<String>, CephError> {
+    let out = unless_missing(admin(conf, admin_keyring, &["config-key", "get", key]).await)?;
+    Ok(out.map(|o| String::from_utf8_lossy(&o).into_owned()))
+}
+
+/// Sets `key` from `file`, so that a secret never shows in a command line.
+pub async fn config_key_set_from(
+    conf: &Path,
+    admin_keyring: &Path,
+    key: &str,
+    file: &Path,
+) -> Result<(), CephError> {
+    let file = file.to_string_lossy();
+    admin(
+        conf,
+        admin_keyring,
+        &["config-key", "set", key, "-i", &file],
+    )
+    .await
+    .map(drop)
+}
+
+/// Removes `key`; one that is not there already is success.
+pub async fn config_key_rm(conf: &Path, admin_keyring: &Path, key: &str) -> Result<(), CephError> {
+    admin(conf, admin_keyring, &["config-key", "rm", key])
+        .await
+        .map(drop)
+}
+
+/// `option` as daemons of `who` (`mgr`, `mon`, ...) see it in the central
+/// config database: the set value, else the default.
+pub async fn config_get(
+    conf: &Path,
+    admin_keyring: &Path,
+    who: &str,
+    option: &str,
+) -> Result<String, CephError> {
+    let out = admin(conf, admin_keyring, &["config", "get", who, option]).await?;
+    Ok(String::from_utf8_lossy(&out).trim().to_string())
+}
+
+pub async fn config_set(
+    conf: &Path,
+    admin_keyring: &Path,
+    who: &str,
+    option: &str,
+    value: &str,
+) -> Result<(), CephError> {
+    admin(conf, admin_keyring, &["config", "set", who, option, value])
+        .await
+        .map(drop)
+}
+
+/// Removes `option` for `who`; one never set is success.
+pub async fn config_rm(
+    conf: &Path,
+    admin_keyring: &Path,
+    who: &str,
+    option: &str,
+) -> Result<(), CephError> {
+    admin(conf, admin_keyring, &["config", "rm", who, option])
+        .await
+        .map(drop)
+}
+
+/// What the active manager says of its modules.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MgrModules {
+    pub enabled_modules: Vec<String>,
+    pub always_on_modules: Vec<String>,
+    pub disabled_modules: Vec<MgrModule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MgrModule {
+    pub name: String,
+    pub can_run: bool,
+    pub error_string: String,
+}
+
+impl MgrModules {
+    /// Why module `name` cannot run on the active manager, if it says so.
+    pub fn cannot_run(&self, name: &str) -> Option<&str> {
+        self.disabled_modules
+            .iter()
+            .find(|m| m.name == name && !m.can_run)
+            .map(|m| m.error_string.as_str())
+    }
+}
+
+pub async fn mgr_modules(conf: &Path, admin_keyring: &Path) -> Result<MgrModules, CephError> {
+    let out = admin(conf, admin_keyring, &["mgr", "module", "ls", "-f", "json"]).await?;
+    parse_json("ceph mgr module ls", &out)
+}
+
+pub async fn mgr_module_enable(
+    conf: &Path,
+    admin_keyring: &Path,
+    name: &str,
+) -> Result<(), CephError> {
+    admin(conf, admin_keyring, &["mgr", "module", "enable", name])
+        .await
+        .map(drop)
+}
+
+/// The URLs the active manager's modules serve (`dashboard`, ...).
+pub async fn mgr_services(
+    conf: &Path,
+    admin_keyring: &Path,
+    connect_timeout: Duration,
+) -> Result<std::collections::BTreeMap<String, String>, CephError> {
+    let out = admin_cli(
+        conf,
+        admin_keyring,
+        connect_timeout,
+        &[
+            "mgr".as_ref(),
+            "services".as_ref(),
+            "-f".as_ref(),
+            "json".as_ref(),
+        ],
+    )
+    .await?;
+    parse_json("ceph mgr services", &out)
+}
+
+/// Whether the dashboard has account `user`. Fails while the dashboard
+/// module is not running on the active manager (it answers the command).
+pub async fn dashboard_user_exists(
+    conf: &Path,
+    admin_keyring: &Path,
+    user: &str,
+) -> Result<bool, CephError> {
+    let out = admin(conf, admin_keyring, &["dashboard", "ac-user-show", user]).await;
+    Ok(unless_missing(out)?.is_some())
+}
+
+/// A dashboard account with `role` and the password in `password_file`.
+/// The password is random and long, so the dashboard's policy (which
+/// rejects, say, three characters in sequence) is not asked.
+pub async fn dashboard_user_create(
+    conf: &Path,
+    admin_keyring: &Path,
+    user: &str,
+    password_file: &Path,
+    role: &str,
+) -> Result<(), CephError> {
+    let file = password_file.to_string_lossy();
+    admin(
+        conf,
+        admin_keyring,
+        &[
+            "dashboard",
+            "ac-user-create",
+            user,
+            "-i",
+            &file,
+            role,
+            "--force-password",
         ],
     )
     .await

@@ -115,17 +115,18 @@ fn plan_nodes(args: &LabUpArgs) -> Vec<LabNode> {
 /// node's.
 const FLOATING_HOST: u8 = 10;
 
-fn cluster_yaml(nodes: &[LabNode], netns: bool, floating: bool) -> String {
-    let net = if netns { BRIDGE_NET } else { LOOPBACK_NET };
+fn cluster_yaml(nodes: &[LabNode], args: &LabUpArgs) -> String {
+    let net = if args.netns { BRIDGE_NET } else { LOOPBACK_NET };
     let prefix = format!("{}.{}.{}", net[0], net[1], net[2]);
-    let endpoint = if floating {
+    let endpoint = if args.floating_endpoint {
         format!("{prefix}.{FLOATING_HOST}:6443\n  floating_endpoint: true")
     } else {
         format!("{}:6443", nodes[0].ip)
     };
     let mut yaml = format!(
-        "# Written by `cluster-agent lab up`.\ncluster:\n  name: {LAB_CLUSTER}\n  control_plane_endpoint: {endpoint}\n  networking:\n    prefix_length: 24\n  kubelet:\n    eviction_hard: {{{}}}\n  ceph:\n    public_network: {prefix}.0/24\nnodes:\n",
+        "# Written by `cluster-agent lab up`.\ncluster:\n  name: {LAB_CLUSTER}\n  control_plane_endpoint: {endpoint}\n  networking:\n    prefix_length: 24\n  kubelet:\n    eviction_hard: {{{}}}\n  ceph:\n    public_network: {prefix}.0/24\n    dashboard: {}\nnodes:\n",
         crate::config::SHARED_DISK_EVICTION_HARD,
+        args.ceph_dashboard,
     );
     for n in nodes {
         yaml.push_str(&format!(
@@ -265,7 +266,7 @@ async fn up(args: &LabUpArgs) -> Result<i32, CliError> {
     check_binaries(&bin_dir, &nodes)?;
     let agent = std::env::current_exe()
         .map_err(|e| CliError::Failed(format!("cannot find this binary: {e}")))?;
-    let yaml = cluster_yaml(&nodes, args.netns, args.floating_endpoint);
+    let yaml = cluster_yaml(&nodes, args);
     let secret: [u8; 32] = rand::random();
     for node in &nodes {
         let paths = node_paths(dir, &node.name);

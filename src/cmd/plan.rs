@@ -97,7 +97,7 @@ pub fn plan(global: &GlobalArgs, paths: &HostPaths, args: &PlanArgs) -> Result<i
     let plans: Vec<NodePlan> = targets
         .into_iter()
         .map(|t| {
-            let plan = phases::build(t.role, t.ceph_role);
+            let plan = phases::build(t.role, t.ceph_role, &config);
             describe(t, &plan)
         })
         .collect();

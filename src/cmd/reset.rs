@@ -39,6 +39,11 @@ pub enum Action {
     LeaveCephMon {
         id: String,
     },
+    /// Delete this node's manager from the Ceph cluster through the quorum:
+    /// its key in the auth database and its dashboard settings.
+    ForgetCephManager {
+        id: String,
+    },
     StopUnit(String),
     /// Stop and remove every pod sandbox through the CRI (the kubelet is
     /// stopped by then, so none comes back).
@@ -74,6 +79,10 @@ impl fmt::Display for Action {
                 f,
                 "remove etcd member {} ({name}) from the cluster through {via}",
                 member_id_hex(*member)
+            ),
+            Action::ForgetCephManager { id } => write!(
+                f,
+                "delete Ceph manager {id}'s key (mgr.{id}) and dashboard settings through the quorum"
             ),
             Action::LeaveCephMon { id } => {
                 write!(
@@ -190,10 +199,17 @@ pub async fn plan(
     actions.extend(leave_etcd(global, paths, force).await?);
     actions.extend(leave_ceph_monitor(global, paths, force).await?);
 
+    let stopped: Vec<String> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::StopUnit(u) => Some(u.clone()),
+            _ => None,
+        })
+        .collect();
     actions.extend(
         order
             .into_iter()
-            .filter(|u| u != kubelet::UNIT && !control_plane.contains(u))
+            .filter(|u| !stopped.contains(u))
             .map(Action::StopUnit),
     );
     // kube-proxy is stopped by now: it would write them again.
@@ -228,7 +244,10 @@ pub async fn plan(
                 .map(Action::Disable),
         );
         actions.push(Action::Remove(services::unit_path(paths, &unit.name)));
-        if let Some(env) = &unit.service.environment_file {
+        // An optional one is the operator's (Debian's /etc/default/ceph).
+        if let Some(env) = &unit.service.environment_file
+            && !env.optional
+        {
             actions.push(Action::Remove(env.path.clone()));
         }
     }
@@ -333,7 +352,8 @@ fn refuse_unless(force: bool, why: String) -> Result<(), CliError> {
 /// The Ceph counterpart of [`leave_etcd`]: a node with a monitor store
 /// leaves the monmap through the quorum before its unit is stopped, unless
 /// that costs the quorum (or it is the last monitor) and `--force` is not
-/// given.
+/// given. Its manager stops and its key is deleted first, while the
+/// quorum still has this monitor.
 async fn leave_ceph_monitor(
     global: &GlobalArgs,
     paths: &HostPaths,
@@ -348,16 +368,7 @@ async fn leave_ceph_monitor(
         return Ok(Vec::new());
     }
     let id = crate::ceph::mon_id(node).to_string();
-    let refuse = |why: String| -> Result<Vec<Action>, CliError> {
-        if force {
-            eprintln!("cluster-agent: warning: {why}; going ahead (--force)");
-            Ok(Vec::new())
-        } else {
-            Err(CliError::Failed(format!(
-                "{why}. Nothing was changed. Fix that first, or reset with --force"
-            )))
-        }
-    };
+    let refuse = |why: String| refuse_unless(force, why).map(|()| Vec::new());
     let status = crate::ceph::quorum_status(
         &paths.host(crate::ceph::CONF_FILE),
         &paths.host(crate::ceph::ADMIN_KEYRING),
@@ -372,8 +383,15 @@ async fn leave_ceph_monitor(
             ));
         }
     };
+    let mut actions = Vec::new();
+    if crate::ceph::mgr_keyring(paths, node).exists() {
+        actions.push(Action::StopUnit(crate::phases::ceph::mgr_unit_name(node)));
+        actions.push(Action::ForgetCephManager {
+            id: crate::ceph::mgr_id(node).to_string(),
+        });
+    }
     if !mons.contains(&id) {
-        return Ok(Vec::new());
+        return Ok(actions);
     }
     let remaining = mons.len() - 1;
     if remaining == 0 {
@@ -388,7 +406,8 @@ async fn leave_ceph_monitor(
             survey::quorum(remaining)
         ));
     }
-    Ok(vec![Action::LeaveCephMon { id }])
+    actions.push(Action::LeaveCephMon { id });
+    Ok(actions)
 }
 
 /// On a control-plane node whose etcd has a member: remove it through a
@@ -402,16 +421,7 @@ async fn leave_etcd(
     if !has_member(paths) {
         return Ok(Vec::new());
     }
-    let refuse = |why: String| -> Result<Vec<Action>, CliError> {
-        if force {
-            eprintln!("cluster-agent: warning: {why}; going ahead (--force)");
-            Ok(Vec::new())
-        } else {
-            Err(CliError::Failed(format!(
-                "{why}. Nothing was changed. Fix that first, or reset with --force"
-            )))
-        }
-    };
+    let refuse = |why: String| refuse_unless(force, why).map(|()| Vec::new());
     let config = match super::load_config(paths) {
         Ok(c) => c,
         Err(e) => {
@@ -553,6 +563,32 @@ fn guard(paths: &HostPaths, actions: &[Action]) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Each removal succeeds when there is nothing to remove, so a reset
+/// interrupted half-way is finished by running it again.
+async fn forget_ceph_manager(paths: &HostPaths, id: &str) -> Result<(), crate::ceph::CephError> {
+    let conf = paths.host(crate::ceph::CONF_FILE);
+    let admin = paths.host(crate::ceph::ADMIN_KEYRING);
+    let (options, keys) = crate::phases::ceph_dashboard::cluster_settings(id);
+    for option in options {
+        crate::ceph::config_rm(&conf, &admin, "mgr", &option).await?;
+    }
+    for key in keys {
+        crate::ceph::config_key_rm(&conf, &admin, &key).await?;
+    }
+    crate::ceph::delete_key(&conf, &admin, &format!("mgr.{id}")).await
+}
+
+/// With `--force`, an action that failed is a warning and reset goes on.
+fn forgiven(force: bool, result: Result<(), CliError>) -> Result<(), CliError> {
+    match result {
+        Err(e) if force => {
+            eprintln!("cluster-agent: warning: {e}; going ahead (--force)");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 async fn execute(
     paths: &HostPaths,
     action: &Action,
@@ -560,13 +596,9 @@ async fn execute(
     force: bool,
 ) -> Result<(), CliError> {
     match action {
-        Action::LeaveEtcd { member, via, .. } => match remove_member(paths, *member, via).await {
-            Err(e) if force => {
-                eprintln!("cluster-agent: warning: {e}; going ahead (--force)");
-                Ok(())
-            }
-            other => other,
-        },
+        Action::LeaveEtcd { member, via, .. } => {
+            forgiven(force, remove_member(paths, *member, via).await)
+        }
         Action::LeaveCephMon { id } => {
             let result = crate::ceph::remove_monitor(
                 &paths.host(crate::ceph::CONF_FILE),
@@ -575,13 +607,13 @@ async fn execute(
             )
             .await
             .map_err(|e| CliError::Failed(format!("cannot leave the Ceph monmap: {e}")));
-            match result {
-                Err(e) if force => {
-                    eprintln!("cluster-agent: warning: {e}; going ahead (--force)");
-                    Ok(())
-                }
-                other => other,
-            }
+            forgiven(force, result)
+        }
+        Action::ForgetCephManager { id } => {
+            let result = forget_ceph_manager(paths, id)
+                .await
+                .map_err(|e| CliError::Failed(format!("cannot delete Ceph manager {id}: {e}")));
+            forgiven(force, result)
         }
         Action::StopUnit(unit) => {
             if let Some(m) = manager {
@@ -624,13 +656,7 @@ async fn execute(
                     crate::error_chain(&e)
                 ))
             });
-            match result {
-                Err(e) if force => {
-                    eprintln!("cluster-agent: warning: {e}; going ahead (--force)");
-                    Ok(())
-                }
-                other => other,
-            }
+            forgiven(force, result)
         }
         Action::RemoveServiceRules { kube_proxy } => {
             let output = kube_proxy::cleanup_command(kube_proxy)

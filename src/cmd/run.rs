@@ -20,7 +20,7 @@ pub async fn run(global: &GlobalArgs, paths: &HostPaths) -> Result<i32, CliError
     }
     let (node, target) = target(global, paths, &config)?;
     let node = node.clone();
-    let plan = phases::build(target.role, target.ceph_role);
+    let plan = phases::build(target.role, target.ceph_role, &config);
     let crash = CrashPoint::from_env().map_err(CliError::Usage)?;
     if let Some(c) = &crash
         && !plan.step_names().any(|(_, s)| s == c.step)

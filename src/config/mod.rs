@@ -59,7 +59,7 @@ pub struct ClusterSettings {
     pub kubelet: KubeletSettings,
     /// `None` when cluster.yaml has no `ceph:` section (then no node may carry
     /// the ceph-mon role).
-    pub ceph: Option<CephNetworks>,
+    pub ceph: Option<CephSettings>,
 }
 
 /// `host:port`; host is an IPv4 address or a DNS name.
@@ -152,9 +152,12 @@ impl fmt::Display for ImageReference {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct CephNetworks {
+pub struct CephSettings {
     pub public_network: Ipv4Net,
     pub cluster_network: Ipv4Net,
+    /// `dashboard: true`: the managers serve Ceph's dashboard over HTTPS
+    /// with a certificate from the cluster CA.
+    pub dashboard: bool,
 }
 
 /// What a node is configured to be. `master` in YAML is a synonym of

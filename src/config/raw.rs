@@ -53,7 +53,7 @@ pub const EVICTION_SIGNALS: &[&str] = &[
     "allocatableMemory.available",
     "pid.available",
 ];
-pub const CEPH_KEYS: &[&str] = &["public_network", "cluster_network"];
+pub const CEPH_KEYS: &[&str] = &["public_network", "cluster_network", "dashboard"];
 pub const NODE_KEYS: &[&str] = &["name", "hostname", "ip", "roles", "mac_addresses"];
 pub const NODE_FILE_ROOT_KEYS: &[&str] = &["node"];
 pub const NODE_FILE_NODE_KEYS: &[&str] = &["name", "hostname", "ip", "roles", "hardware"];
@@ -201,6 +201,7 @@ pub struct RawCeph {
     pub loc: Loc,
     pub public_network: Option<Val>,
     pub cluster_network: Option<Val>,
+    pub dashboard: Option<Val>,
 }
 
 /// A node as written in cluster.yaml `nodes[i]` or in a node file's `node:`.
@@ -487,6 +488,7 @@ impl Walker<'_> {
         let ceph = self.sub_map(&f, "ceph", CEPH_KEYS).map(|c| RawCeph {
             public_network: self.required_scalar(&c, "public_network"),
             cluster_network: self.scalar_field(&c, "cluster_network"),
+            dashboard: self.scalar_field(&c, "dashboard"),
             loc: c.loc,
         });
         Some(RawCluster {

@@ -16,7 +16,7 @@ use super::diagnostics::{Diagnostic, Severity};
 use super::raw::{List, Loc, RawCluster, RawClusterFile, RawNode, RawNodeFile, Val};
 use super::values;
 use super::{
-    BootstrapSettings, CephNetworks, ClusterConfig, ClusterSettings, ContainerdSettings,
+    BootstrapSettings, CephSettings, ClusterConfig, ClusterSettings, ContainerdSettings,
     EtcdSettings, ImageReference, MacAddr, Networking, NodeRole, NodeSpec,
 };
 
@@ -176,7 +176,7 @@ struct PartialSettings {
     etcd: EtcdSettings,
     containerd: ContainerdSettings,
     kubelet: super::KubeletSettings,
-    ceph: Option<CephNetworks>,
+    ceph: Option<CephSettings>,
     /// Where pod_cidr was set; `None` for the default.
     pod_cidr_loc: Option<Loc>,
     /// `networking.cni.manifest`, where it was written.
@@ -506,10 +506,12 @@ impl Validator<'_> {
         let ceph = raw.ceph.as_ref().and_then(|c| {
             let public = self.opt(c.public_network.as_ref(), |v| values::cidr(&v.text));
             let cluster = self.opt(c.cluster_network.as_ref(), |v| values::cidr(&v.text));
+            let dashboard = self.opt(c.dashboard.as_ref(), |v| values::boolean(&v.text, v.plain));
             let public_network = public?.value;
-            Some(CephNetworks {
+            Some(CephSettings {
                 public_network,
                 cluster_network: cluster.map_or(public_network, |c| c.value),
+                dashboard: dashboard.is_some_and(|d| d.value),
             })
         });
 
@@ -764,7 +766,7 @@ impl Validator<'_> {
     fn ceph_consistency(
         &mut self,
         raw: Option<&RawCluster>,
-        ceph: Option<&CephNetworks>,
+        ceph: Option<&CephSettings>,
         nodes: &[NodeInput],
     ) {
         let section_written = raw.is_some_and(|c| c.ceph.is_some());
@@ -798,6 +800,33 @@ impl Validator<'_> {
                             ip.value, ceph.public_network
                         );
                         self.error(&ip.loc, message);
+                    }
+                }
+                let dashboard_loc = raw
+                    .and_then(|c| c.ceph.as_ref())
+                    .and_then(|c| c.dashboard.as_ref())
+                    .map(|v| v.loc.at())
+                    .unwrap_or_default();
+                // The dashboard's certificate is issued on the monitor's
+                // node from the cluster CA, whose key only masters hold.
+                for node in nodes.iter().filter(|n| {
+                    ceph.dashboard && n.roles_valid && {
+                        let roles = n.role_set();
+                        roles.contains(&NodeRole::CephMon)
+                            && !roles.contains(&NodeRole::ControlPlane)
+                    }
+                }) {
+                    if let Some(roles) = &node.roles {
+                        self.error(
+                            &roles.loc,
+                            format!(
+                                "a ceph-mon node without role control-plane cannot serve the \
+                                 dashboard (ceph.dashboard: true at {dashboard_loc}): its \
+                                 certificate is issued from the cluster CA, whose key only \
+                                 control-plane nodes hold; add control-plane or set \
+                                 dashboard: false"
+                            ),
+                        );
                     }
                 }
             }

@@ -36,6 +36,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 const JOIN_WAIT: Duration = Duration::from_secs(300);
 /// A monitor added to a running quorum needs an election (~5 s).
 const QUORUM_WAIT: Duration = Duration::from_secs(300);
+/// A manager reports to the monitors within a few seconds of its start;
+/// the monitors must be in quorum to take its report.
+const MGR_WAIT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -53,11 +56,11 @@ pub struct CephRecord {
     pub fsid: String,
 }
 
-/// The monitor's store and what the phase writes under /etc/ceph and for
-/// OSDs; a rejoin fetches them again.
+/// The monitor's store, the manager's key, and what the phase writes under
+/// /etc/ceph and for OSDs; a rejoin fetches them again.
 fn owns(paths: &crate::paths::HostPaths, node: Option<&crate::config::NodeSpec>) -> Vec<PathBuf> {
-    node.map(|n| ceph::mon_data_dir(paths, n))
-        .into_iter()
+    node.into_iter()
+        .flat_map(|n| [ceph::mon_data_dir(paths, n), ceph::mgr_data_dir(paths, n)])
         .chain(
             [
                 ceph::CONF_FILE,
@@ -81,32 +84,71 @@ pub fn phase() -> Phase {
             Box::new(Mkfs),
             Box::new(UnitConfig),
             Box::new(Start),
+            Box::new(MgrKey),
+            Box::new(MgrUnitConfig),
+            Box::new(MgrStart),
         ],
     }
 }
 
-pub fn unit_name(ctx_node: &crate::config::NodeSpec) -> String {
-    format!("ceph-mon@{}.service", ceph::mon_id(ctx_node))
+pub fn unit_name(node: &crate::config::NodeSpec) -> String {
+    format!("ceph-mon@{}.service", ceph::mon_id(node))
+}
+
+pub fn mgr_unit_name(node: &crate::config::NodeSpec) -> String {
+    format!("ceph-mgr@{}.service", ceph::mgr_id(node))
 }
 
 /// The monitor's unit: Debian's `ceph-mon@.service` made concrete, with
 /// every path under the root.
 pub fn render_unit(paths: &crate::paths::HostPaths, node: &crate::config::NodeSpec) -> Unit {
+    daemon_unit(
+        paths,
+        node,
+        unit_name(node),
+        format!("Ceph monitor {}", ceph::mon_id(node)),
+        ceph::MON_BINARY,
+        ceph::mon_id(node),
+    )
+}
+
+/// The manager's unit, Debian's `ceph-mgr@.service` made concrete.
+pub fn render_mgr_unit(paths: &crate::paths::HostPaths, node: &crate::config::NodeSpec) -> Unit {
+    daemon_unit(
+        paths,
+        node,
+        mgr_unit_name(node),
+        format!("Ceph manager {}", ceph::mgr_id(node)),
+        ceph::MGR_BINARY,
+        ceph::mgr_id(node),
+    )
+}
+
+/// A Ceph daemon in the foreground on this node's cluster address, reading
+/// the agent's ceph.conf and the operator's `CEPH_ARGS` overrides.
+fn daemon_unit(
+    paths: &crate::paths::HostPaths,
+    node: &crate::config::NodeSpec,
+    name: String,
+    description: String,
+    binary: &str,
+    id: &str,
+) -> Unit {
     Unit {
-        name: unit_name(node),
-        description: format!("Ceph monitor {}", ceph::mon_id(node)),
+        name,
+        description,
         after: vec!["network-online.target".into()],
         wants: vec!["network-online.target".into()],
         requires: vec![],
         service: ServiceSection {
             type_: ServiceType::Simple,
             exec_start: vec![
-                ceph::MON_BINARY.into(),
+                binary.into(),
                 "-f".into(),
                 "--cluster".into(),
                 ceph::CLUSTER.into(),
                 "--id".into(),
-                ceph::mon_id(node).into(),
+                id.into(),
                 "-c".into(),
                 paths.host(ceph::CONF_FILE).to_string_lossy().into_owned(),
                 "--public-addr".into(),
@@ -420,23 +462,35 @@ impl Step for UnitConfig {
         "install and enable the ceph-mon@<id> unit"
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
-        let unit = render_unit(&ctx.paths, &ctx.node);
-        Ok(services::unit_installed(&ctx.paths, &unit)?
-            && services::unit_enabled(&ctx.paths, &unit))
+        daemon_unit_installed(ctx, &render_unit(&ctx.paths, &ctx.node)).await
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
-        if !std::path::Path::new(ceph::MON_BINARY).exists() {
-            return Err(StepError::Precondition(format!(
-                "{} is not present; this image must ship ceph-mon",
-                ceph::MON_BINARY
-            )));
-        }
         let unit = render_unit(&ctx.paths, &ctx.node);
-        services::install_unit(&ctx.paths, &unit)?;
-        ctx.services.daemon_reload().await?;
-        ctx.services.enable(&unit.name).await?;
+        install_daemon_unit(ctx, &unit, ceph::MON_BINARY, "ceph-mon").await?;
         Ok(Outcome::Done)
     }
+}
+
+/// Installs and enables `unit` once `binary` is on the image.
+async fn install_daemon_unit(
+    ctx: &Context,
+    unit: &Unit,
+    binary: &str,
+    package: &str,
+) -> Result<(), StepError> {
+    if !std::path::Path::new(binary).exists() {
+        return Err(StepError::Precondition(format!(
+            "{binary} is not present; this image must ship {package}"
+        )));
+    }
+    services::install_unit(&ctx.paths, unit)?;
+    ctx.services.daemon_reload().await?;
+    ctx.services.enable(&unit.name).await?;
+    Ok(())
+}
+
+async fn daemon_unit_installed(ctx: &Context, unit: &Unit) -> Result<bool, StepError> {
+    Ok(services::unit_installed(&ctx.paths, unit)? && services::unit_enabled(&ctx.paths, unit))
 }
 
 struct Start;
@@ -497,6 +551,131 @@ impl Step for Start {
         })
         .await??;
         tracing::info!(quorum = ?status.quorum_names(), "monitor in quorum");
+        Ok(Outcome::Done)
+    }
+}
+
+fn conf_and_admin(ctx: &Context) -> (PathBuf, PathBuf) {
+    (
+        ctx.paths.host(ceph::CONF_FILE),
+        ctx.paths.host(ceph::ADMIN_KEYRING),
+    )
+}
+
+struct MgrKey;
+
+#[async_trait]
+impl Step for MgrKey {
+    fn name(&self) -> &'static str {
+        "ceph-mgr-key"
+    }
+    fn summary(&self) -> &'static str {
+        "get or create this node's mgr.<id> key (caps mon 'allow profile mgr', osd and mds 'allow *') through the quorum"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        let path = ceph::mgr_keyring(&ctx.paths, &ctx.node);
+        let entity = ceph::mgr_entity(&ctx.node);
+        Ok(super::read_text(&path)?.is_some_and(|k| ceph::keyring_key(&k, &entity).is_some()))
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        let (conf, admin) = conf_and_admin(ctx);
+        let entity = ceph::mgr_entity(&ctx.node);
+        // get-or-create: a crash after the cluster made the key and before
+        // the file holds it gets the same key again.
+        let key = match ceph::get_or_create_key(&conf, &admin, &entity, ceph::MGR_CAPS).await {
+            Ok(key) => key,
+            Err(ceph::CephError::Command {
+                code: Some(EINVAL), ..
+            }) => {
+                return Err(StepError::Precondition(format!(
+                    "{entity} exists in the cluster's auth database with other caps than a \
+                     manager's; give it the documented ones (`ceph auth caps {entity} mon 'allow \
+                     profile mgr' osd 'allow *' mds 'allow *'`) or remove it, and run again"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let text = ceph::render_keyring(&[KeyringEntry {
+            entity: &entity,
+            key: &key,
+            caps: &[],
+        }]);
+        fsutil::write_atomic(
+            &ceph::mgr_keyring(&ctx.paths, &ctx.node),
+            text.as_bytes(),
+            SECRET_MODE,
+        )?;
+        Ok(Outcome::Done)
+    }
+}
+
+/// The errno the cluster answers a request it refuses as invalid with.
+const EINVAL: i32 = 22;
+
+struct MgrUnitConfig;
+
+#[async_trait]
+impl Step for MgrUnitConfig {
+    fn name(&self) -> &'static str {
+        "ceph-mgr-config"
+    }
+    fn summary(&self) -> &'static str {
+        "install and enable the ceph-mgr@<id> unit"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        daemon_unit_installed(ctx, &render_mgr_unit(&ctx.paths, &ctx.node)).await
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        let unit = render_mgr_unit(&ctx.paths, &ctx.node);
+        install_daemon_unit(ctx, &unit, ceph::MGR_BINARY, "ceph-mgr").await?;
+        Ok(Outcome::Done)
+    }
+}
+
+struct MgrStart;
+
+impl MgrStart {
+    async fn map(ctx: &Context) -> Result<ceph::MgrMap, ceph::CephError> {
+        let (conf, admin) = conf_and_admin(ctx);
+        ceph::mgr_map(&conf, &admin, Duration::from_secs(5)).await
+    }
+}
+
+#[async_trait]
+impl Step for MgrStart {
+    fn name(&self) -> &'static str {
+        "ceph-mgr-start"
+    }
+    fn summary(&self) -> &'static str {
+        "start the manager and wait until the mgr map lists it, active or standby"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        let id = ceph::mgr_id(&ctx.node);
+        Ok(ctx
+            .services
+            .state(&mgr_unit_name(&ctx.node))
+            .await?
+            .active_state
+            == ActiveState::Active
+            && Self::map(ctx).await.is_ok_and(|m| m.serves(id)))
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        let id = ceph::mgr_id(&ctx.node);
+        let what = format!("manager {id} to report to the monitors");
+        let map =
+            super::start_until_ready(ctx, &mgr_unit_name(&ctx.node), &what, MGR_WAIT, || async {
+                match Self::map(ctx).await {
+                    Ok(map) if map.serves(id) => Poll::Ready(map),
+                    Ok(map) => Poll::Pending(format!(
+                        "the mgr map has active {:?}, standbys {:?}",
+                        map.active(),
+                        map.standbys
+                    )),
+                    Err(e) => Poll::Pending(e.to_string()),
+                }
+            })
+            .await?;
+        tracing::info!(active = ?map.active(), standbys = ?map.standbys, "manager in the mgr map");
         Ok(Outcome::Done)
     }
 }

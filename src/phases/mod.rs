@@ -5,6 +5,7 @@ pub mod addons;
 pub mod api_address;
 pub mod api_balancer;
 pub mod ceph;
+pub mod ceph_dashboard;
 pub mod container_runtime;
 pub mod control_plane;
 pub mod etcd;
@@ -21,8 +22,9 @@ use crate::services::Unit;
 
 /// The plan for a node. Every node runs the `node` phase first; the
 /// Kubernetes and Ceph phases both require only it and run side by side,
-/// so storage never waits for (or fails with) Kubernetes.
-pub fn build(role: Role, ceph_role: CephRole) -> Plan {
+/// so storage never waits for (or fails with) Kubernetes; only the
+/// dashboard, whose certificate comes from the cluster CA, waits for both.
+pub fn build(role: Role, ceph_role: CephRole, config: &ClusterConfig) -> Plan {
     let control_plane = matches!(role, Role::MasterFirst | Role::MasterAdditional);
     let monitor = ceph_role != CephRole::None;
     let mut phases = vec![node::phase()];
@@ -31,6 +33,10 @@ pub fn build(role: Role, ceph_role: CephRole) -> Plan {
     }
     if monitor {
         phases.push(ceph::phase());
+    }
+    let dashboard = config.cluster.ceph.as_ref().is_some_and(|c| c.dashboard);
+    if monitor && control_plane && dashboard {
+        phases.push(ceph_dashboard::phase());
     }
     // It requires only `node` and so starts beside etcd and ceph; it
     // answers "not yet" (503) for what they have not made yet.
@@ -57,6 +63,7 @@ pub fn catalog() -> Vec<crate::engine::Phase> {
         node::phase(),
         etcd::phase(),
         ceph::phase(),
+        ceph_dashboard::phase(),
         join_service::phase(),
         control_plane::phase(),
         addons::phase(),
@@ -99,6 +106,7 @@ pub fn rendered_units(paths: &HostPaths, config: &ClusterConfig, node: &NodeSpec
     }
     if node.has_role(crate::config::NodeRole::CephMon) {
         units.push(ceph::render_unit(paths, node));
+        units.push(ceph::render_mgr_unit(paths, node));
     }
     if node.is_control_plane() || node.has_role(crate::config::NodeRole::CephMon) {
         units.push(join_service::render_unit(
@@ -323,9 +331,15 @@ mod tests {
         assert_eq!(unique.len(), catalog.len(), "{catalog:?}");
         let roles = [Role::MasterFirst, Role::MasterAdditional, Role::Worker];
         let ceph_roles = [CephRole::None, CephRole::MonFirst, CephRole::MonAdditional];
+        // With every optional phase: the dashboard's.
+        let config = crate::config::parse_cluster_yaml(
+            b"cluster:\n  name: t\n  ceph:\n    public_network: 10.0.0.0/24\n    dashboard: true\n\
+              nodes:\n  - {name: cp-1, ip: 10.0.0.11, roles: [control-plane, ceph-mon]}\n",
+        )
+        .unwrap();
         for role in roles {
             for ceph_role in ceph_roles {
-                for phase in build(role, ceph_role).phases {
+                for phase in build(role, ceph_role, &config).phases {
                     assert!(
                         unique.contains(phase.name),
                         "{role:?}/{ceph_role:?}: {}",

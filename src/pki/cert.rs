@@ -190,6 +190,22 @@ pub(crate) fn generate_key(what: &str) -> Result<KeyPair, PkiError> {
         .map_err(gen_err(format!("key for {what}")))
 }
 
+/// RSA 2048, for a server whose own checks accept no other key type
+/// (Ceph's dashboard verifies its key with pyOpenSSL's RSA-only check).
+pub(crate) fn generate_rsa_key(what: &str) -> Result<KeyPair, PkiError> {
+    use rsa::pkcs8::EncodePrivateKey;
+    let failed = |reason: String| PkiError::RsaKey {
+        what: what.to_string(),
+        reason,
+    };
+    let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048)
+        .map_err(|e| failed(e.to_string()))?;
+    let pem = key
+        .to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
+        .map_err(|e| failed(e.to_string()))?;
+    KeyPair::from_pem(&pem).map_err(gen_err(format!("RSA key for {what}")))
+}
+
 /// Serials must differ between two certs of one issuer even when the key is
 /// reused on re-issue, and rcgen's default serial is derived from the key.
 fn random_serial() -> SerialNumber {

@@ -121,6 +121,9 @@ pub enum PkiError {
         #[source]
         source: rcgen::Error,
     },
+
+    #[error("cannot create an RSA key for {what}: {reason}")]
+    RsaKey { what: String, reason: String },
 }
 
 pub(crate) fn gen_err(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> PkiError {

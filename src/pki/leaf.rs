@@ -13,7 +13,7 @@ use super::cert::{
     CertInfo, LeafProfile, San, generate_key, issue_leaf, read_optional, write_cert, write_key,
 };
 use super::error::PkiError;
-use super::layout::{CaKind, LeafKind, PkiPaths};
+use super::layout::{CaKind, CertKeyPaths, LeafKind, PkiPaths};
 use super::{LEAF_VALIDITY, RENEW_BEFORE};
 use crate::config::{ClusterConfig, NodeSpec};
 use crate::paths::HostPaths;
@@ -317,37 +317,67 @@ pub(crate) fn ensure_node_certs_at(
     let mut items = Vec::new();
     for leaf in LeafKind::ALL {
         let wanted = profile(leaf, config, node, etcd_listens_on_loopback)?;
-        let outcome = ensure_leaf(&pki, leaf, &wanted, ca_of(leaf.issuer()), now)?;
+        let outcome = ensure_leaf(
+            &pki.leaf(leaf),
+            leaf.base_name(),
+            &wanted,
+            ca_of(leaf.issuer()),
+            now,
+            generate_key,
+        )?;
         items.push((leaf, outcome));
     }
     Ok(LeafReport { items })
 }
 
-fn ensure_leaf(
-    pki: &PkiPaths,
-    leaf: LeafKind,
+/// What a cert/key pair on disk is worth against its profile.
+pub(crate) enum Verdict {
+    Current,
+    Missing,
+    Stale(ReissueReason),
+}
+
+/// The pair at `paths` against `wanted` from `ca`, with its key if that
+/// is usable.
+pub(crate) fn assess_pair(
+    paths: &CertKeyPaths,
     wanted: &LeafProfile,
     ca: &LoadedCa,
     now: OffsetDateTime,
-) -> Result<LeafOutcome, PkiError> {
-    let paths = pki.leaf(leaf);
+) -> Result<(Verdict, Option<KeyPair>), PkiError> {
     // A leaf's key is worth nothing on its own: if it is unusable, make a new
     // one rather than stop the node.
-    let existing_key = read_optional(&paths.key)?
+    let key = read_optional(&paths.key)?
         .and_then(|pem| String::from_utf8(pem).ok())
         .and_then(|pem| KeyPair::from_pem(&pem).ok());
-    let cert = read_optional(&paths.cert)?;
-
-    let reason = match (&cert, &existing_key) {
-        (None, _) => None,
-        (Some(_), None) => Some(ReissueReason::KeyUnusable),
-        (Some(pem), Some(key)) => match CertInfo::parse_pem(pem) {
-            Err(why) => Some(ReissueReason::Unreadable(why)),
-            Ok(info) => match assess(wanted, &info, key, &ca.info, now) {
-                None => return Ok(LeafOutcome::Kept),
-                reason => reason,
-            },
+    let verdict = match (read_optional(&paths.cert)?, &key) {
+        (None, _) => Verdict::Missing,
+        (Some(_), None) => Verdict::Stale(ReissueReason::KeyUnusable),
+        (Some(pem), Some(key)) => match CertInfo::parse_pem(&pem) {
+            Err(why) => Verdict::Stale(ReissueReason::Unreadable(why)),
+            Ok(info) => {
+                assess(wanted, &info, key, &ca.info, now).map_or(Verdict::Current, Verdict::Stale)
+            }
         },
+    };
+    Ok((verdict, key))
+}
+
+/// The certificate at `paths` as `wanted`, from `ca`: kept when it
+/// still is, else (re)issued; `new_key` makes a key where none is usable.
+pub(crate) fn ensure_leaf(
+    paths: &CertKeyPaths,
+    what: &str,
+    wanted: &LeafProfile,
+    ca: &LoadedCa,
+    now: OffsetDateTime,
+    new_key: fn(&str) -> Result<KeyPair, PkiError>,
+) -> Result<LeafOutcome, PkiError> {
+    let (verdict, existing_key) = assess_pair(paths, wanted, ca, now)?;
+    let reason = match verdict {
+        Verdict::Current => return Ok(LeafOutcome::Kept),
+        Verdict::Missing => None,
+        Verdict::Stale(reason) => Some(reason),
     };
 
     // Re-issuing keeps a usable key, like `kubeadm certs renew`; the key is
@@ -356,16 +386,12 @@ fn ensure_leaf(
     let key = match existing_key {
         Some(key) => key,
         None => {
-            let key = generate_key(leaf.base_name())?;
+            let key = new_key(what)?;
             write_key(&paths.key, &key.serialize_pem())?;
             key
         }
     };
     let pem = issue_leaf(wanted, &key, &ca.cert_pem, &ca.key, now, LEAF_VALIDITY)?;
     write_cert(&paths.cert, &pem)?;
-    Ok(match (cert, reason) {
-        (None, _) => LeafOutcome::Issued,
-        (Some(_), Some(reason)) => LeafOutcome::Reissued(reason),
-        (Some(_), None) => LeafOutcome::Reissued(ReissueReason::KeyUnusable),
-    })
+    Ok(reason.map_or(LeafOutcome::Issued, LeafOutcome::Reissued))
 }

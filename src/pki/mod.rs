@@ -85,6 +85,50 @@ pub fn ensure_node_certs(
     )
 }
 
+/// The Ceph dashboard's serving certificate on monitor node `node` (at
+/// `at`), from the cluster CA: the node's hostname and address, an RSA key
+/// (the dashboard refuses others). Kept while it serves, renewed like
+/// every leaf.
+pub fn ensure_ceph_dashboard_cert(
+    paths: &HostPaths,
+    node: &NodeSpec,
+    at: &CertKeyPaths,
+) -> Result<LeafOutcome, PkiError> {
+    let now = OffsetDateTime::now_utc();
+    let ca = ca::load_ca(&PkiPaths::new(paths), CaKind::Cluster, now)?;
+    let wanted = ceph_dashboard_profile(node);
+    leaf::ensure_leaf(
+        at,
+        "the Ceph dashboard",
+        &wanted,
+        &ca,
+        now,
+        cert::generate_rsa_key,
+    )
+}
+
+/// Whether [`ensure_ceph_dashboard_cert`] would keep what is at `at`.
+pub fn ceph_dashboard_cert_current(
+    paths: &HostPaths,
+    node: &NodeSpec,
+    at: &CertKeyPaths,
+) -> Result<bool, PkiError> {
+    let now = OffsetDateTime::now_utc();
+    let ca = ca::load_ca(&PkiPaths::new(paths), CaKind::Cluster, now)?;
+    let (verdict, _) = leaf::assess_pair(at, &ceph_dashboard_profile(node), &ca, now)?;
+    Ok(matches!(verdict, leaf::Verdict::Current))
+}
+
+fn ceph_dashboard_profile(node: &NodeSpec) -> cert::LeafProfile {
+    cert::LeafProfile {
+        common_name: format!("ceph-dashboard {}", node.name),
+        organizations: vec![],
+        sans: [San::dns(&node.hostname), San::Ip(node.ip.into())].into(),
+        server_auth: true,
+        client_auth: false,
+    }
+}
+
 /// Reads the shared CA material for shipping to a joining control-plane
 /// node; checks it first so that nothing unusable is sent.
 pub fn read_shared_ca_bundle(paths: &HostPaths) -> Result<CaBundle, PkiError> {

@@ -292,6 +292,19 @@ impl Cluster {
         }
     }
 
+    /// The check `name` of `status --json` on `node`.
+    pub fn status_section(&self, node: &str, name: &str) -> serde_json::Value {
+        let status = self.run(node, &["status", "--json"]);
+        let report: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {report}"))
+            .clone()
+    }
+
     /// SIGKILLs one daemon the process backend started for `node`, as if
     /// its unit had stopped.
     pub fn stop_unit(&self, node: &str, unit: &str) {

@@ -572,7 +572,16 @@ async fn kube_nodes(
         .collect())
 }
 
-/// Monitor quorum, where a Ceph configuration exists under the root.
+fn at_least_warning(health: Health) -> Health {
+    if health == Health::Ok {
+        Health::Warning
+    } else {
+        health
+    }
+}
+
+/// Monitor quorum and the mgr map, where a Ceph configuration exists under
+/// the root.
 async fn ceph_check(probe: &Probe) -> Section {
     const NAME: &str = "ceph";
     let conf = probe.paths.host(crate::ceph::CONF_FILE);
@@ -584,39 +593,75 @@ async fn ceph_check(probe: &Probe) -> Section {
         );
     }
     let keyring = probe.paths.host(crate::ceph::ADMIN_KEYRING);
-    match crate::ceph::quorum_status(&conf, &keyring, Duration::from_secs(2))
-        .await
-        .map_err(|e| e.to_string())
-    {
-        Ok((in_quorum, mons)) => {
-            let health = if in_quorum.len() < survey::quorum(mons.len()) {
-                Health::Failed
-            } else if in_quorum.len() < mons.len() {
-                Health::Warning
+    let budget = Duration::from_secs(2);
+    let (quorum, managers, services) = tokio::join!(
+        crate::ceph::quorum_status(&conf, &keyring, budget),
+        crate::ceph::mgr_map(&conf, &keyring, budget),
+        crate::ceph::mgr_services(&conf, &keyring, budget)
+    );
+    let (in_quorum, mons) = match quorum {
+        Ok(q) => q,
+        Err(e) => return Section::new(NAME, Health::Failed, e.to_string()),
+    };
+    let mut health = if in_quorum.len() < survey::quorum(mons.len()) {
+        Health::Failed
+    } else if in_quorum.len() < mons.len() {
+        Health::Warning
+    } else {
+        Health::Ok
+    };
+    let mut summary = format!("{} of {} monitors in quorum", in_quorum.len(), mons.len());
+    let mut lines: Vec<String> = mons
+        .iter()
+        .map(|m| {
+            let state = if in_quorum.contains(m) {
+                "in quorum"
             } else {
-                Health::Ok
+                "out of quorum"
             };
-            let mut section = Section::new(
-                NAME,
-                health,
-                format!("{} of {} monitors in quorum", in_quorum.len(), mons.len()),
-            );
-            section.lines = mons
-                .iter()
-                .map(|m| {
-                    let state = if in_quorum.contains(m) {
-                        "in quorum"
-                    } else {
-                        "out of quorum"
-                    };
-                    format!("{m:<12} {state}")
-                })
-                .collect();
-            section.data = json!({"quorum_names": in_quorum, "monitors": mons});
-            section
+            format!("{m:<12} {state}")
+        })
+        .collect();
+    let mgr = match managers {
+        Ok(map) => {
+            match map.active() {
+                Some(active) => summary.push_str(&format!(", manager {active} active")),
+                None => {
+                    // No PG statistics, no orchestrator, no dashboard.
+                    health = at_least_warning(health);
+                    summary.push_str(", no active manager");
+                }
+            }
+            lines.push(format!(
+                "managers     active {}, standby {}",
+                map.active().unwrap_or("none"),
+                if map.standbys.is_empty() {
+                    "none".to_string()
+                } else {
+                    map.standbys.join(", ")
+                }
+            ));
+            json!({"active": map.active(), "standbys": map.standbys})
         }
-        Err(e) => Section::new(NAME, Health::Failed, e),
+        Err(e) => {
+            health = at_least_warning(health);
+            lines.push(format!("managers     cannot be read: {e}"));
+            json!({"error": e.to_string()})
+        }
+    };
+    let dashboard = services.ok().and_then(|s| s.get("dashboard").cloned());
+    if let Some(url) = &dashboard {
+        lines.push(format!("dashboard    {url}"));
     }
+    let mut section = Section::new(NAME, health, summary);
+    section.lines = lines;
+    section.data = json!({
+        "quorum_names": in_quorum,
+        "monitors": mons,
+        "managers": mgr,
+        "dashboard": dashboard,
+    });
+    section
 }
 
 #[cfg(test)]

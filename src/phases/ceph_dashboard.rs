@@ -1,0 +1,363 @@
+//! Phase `ceph-dashboard` (monitors on masters, with `ceph.dashboard:
+//! true`): Ceph's dashboard served by the managers over HTTPS, as the
+//! design's runbook enables it after seeding.
+//!
+//! Each manager gets its own certificate from the cluster CA (its node's
+//! name and address) and listens on its node's address: a standby answers
+//! there too, redirecting to the active one. The cluster-wide admin
+//! account's password is generated once, by the seeding monitor, and kept
+//! in the monitors' config-key store, so every monitor node (and a node
+//! reset and rejoined) writes the same 0600 file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::distr::{Alphanumeric, SampleString};
+
+use crate::ceph;
+use crate::engine::{Context, Outcome, Phase, Step, StepError};
+use crate::fsutil::{self, SECRET_MODE};
+use crate::pki::CertKeyPaths;
+use crate::services::ActiveState;
+use crate::wait::{self, Backoff, Poll};
+
+pub const PHASE: &str = "ceph-dashboard";
+const DIR: &str = "/etc/ceph/dashboard";
+/// The admin account's password, readable by root only.
+pub const PASSWORD_FILE: &str = "/etc/ceph/dashboard/admin-password";
+pub const ADMIN_USER: &str = "admin";
+const ADMIN_ROLE: &str = "administrator";
+const MODULE: &str = "dashboard";
+/// Where Debian's ceph-mgr-dashboard puts the module.
+const MODULE_DIR: &str = "/usr/share/ceph/mgr/dashboard";
+const PACKAGE: &str = "ceph-mgr-dashboard";
+/// The password in the monitors' store; only `client.admin` reads it.
+const PASSWORD_KEY: &str = "cluster-agent/ceph-dashboard/admin-password";
+/// Generated passwords: 24 of 62 characters, 142 bits.
+const PASSWORD_LEN: usize = 24;
+/// The module starts its web server a few seconds after it is enabled.
+const SERVE_WAIT: Duration = Duration::from_secs(120);
+/// A joining monitor waits this long for the seeding one's password.
+const PASSWORD_WAIT: Duration = Duration::from_secs(300);
+/// The manager restart owed after its dashboard settings changed.
+const RESTART: super::RestartDue = super::RestartDue("ceph-dashboard-mgr");
+
+fn owns(paths: &crate::paths::HostPaths, _: Option<&crate::config::NodeSpec>) -> Vec<PathBuf> {
+    vec![paths.host(DIR)]
+}
+
+pub fn phase() -> Phase {
+    Phase {
+        name: PHASE,
+        // The CA comes with the etcd phase's PKI; the managers with ceph.
+        requires: vec![super::ceph::PHASE, super::etcd::PHASE],
+        owns,
+        steps: vec![
+            Box::new(Certificate),
+            Box::new(Settings),
+            Box::new(Enable),
+            Box::new(Admin),
+        ],
+    }
+}
+
+fn cert_paths(ctx: &Context) -> CertKeyPaths {
+    CertKeyPaths {
+        cert: ctx.paths.host(format!("{DIR}/dashboard.crt")),
+        key: ctx.paths.host(format!("{DIR}/dashboard.key")),
+    }
+}
+
+fn conf_and_admin(ctx: &Context) -> (PathBuf, PathBuf) {
+    (
+        ctx.paths.host(ceph::CONF_FILE),
+        ctx.paths.host(ceph::ADMIN_KEYRING),
+    )
+}
+
+/// Where the dashboard reads manager `id`'s own settings: a config option
+/// for its address, config-keys for its certificate and key.
+struct SettingNames {
+    address: String,
+    cert: String,
+    key: String,
+}
+
+fn setting_names(id: &str) -> SettingNames {
+    SettingNames {
+        address: format!("mgr/dashboard/{id}/server_addr"),
+        cert: format!("mgr/dashboard/{id}/crt"),
+        key: format!("mgr/dashboard/{id}/key"),
+    }
+}
+
+/// What a manager's dashboard settings are in the cluster, to delete when
+/// the node is reset: (config options, config-keys).
+pub fn cluster_settings(id: &str) -> (Vec<String>, Vec<String>) {
+    let names = setting_names(id);
+    (vec![names.address], vec![names.cert, names.key])
+}
+
+/// This node's values for [`SettingNames`]: its address and the PEM files.
+struct Wanted {
+    names: SettingNames,
+    address: String,
+    cert: String,
+    key: String,
+}
+
+fn wanted_settings(ctx: &Context) -> Result<Wanted, StepError> {
+    let at = cert_paths(ctx);
+    let read = |path: &PathBuf| {
+        super::read_text(path)?.ok_or_else(|| {
+            StepError::Precondition(format!(
+                "{} is missing although ceph-dashboard-cert completed; run again",
+                path.display()
+            ))
+        })
+    };
+    Ok(Wanted {
+        names: setting_names(ceph::mgr_id(&ctx.node)),
+        address: ctx.node.ip.to_string(),
+        cert: read(&at.cert)?,
+        key: read(&at.key)?,
+    })
+}
+
+struct Certificate;
+
+#[async_trait]
+impl Step for Certificate {
+    fn name(&self) -> &'static str {
+        "ceph-dashboard-cert"
+    }
+    fn summary(&self) -> &'static str {
+        "issue this manager's dashboard certificate (RSA, the node's name and address) from the cluster CA"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        Ok(crate::pki::ceph_dashboard_cert_current(
+            &ctx.paths,
+            &ctx.node,
+            &cert_paths(ctx),
+        )?)
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        let outcome =
+            crate::pki::ensure_ceph_dashboard_cert(&ctx.paths, &ctx.node, &cert_paths(ctx))?;
+        tracing::info!(?outcome, "dashboard certificate");
+        Ok(Outcome::Done)
+    }
+}
+
+struct Settings;
+
+impl Settings {
+    async fn current(ctx: &Context) -> Result<bool, StepError> {
+        let (conf, admin) = conf_and_admin(ctx);
+        let wanted = wanted_settings(ctx)?;
+        if ceph::config_get(&conf, &admin, "mgr", &wanted.names.address).await? != wanted.address {
+            return Ok(false);
+        }
+        for (key, value) in [
+            (&wanted.names.cert, &wanted.cert),
+            (&wanted.names.key, &wanted.key),
+        ] {
+            if ceph::config_key_get(&conf, &admin, key).await?.as_ref() != Some(value) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl Step for Settings {
+    fn name(&self) -> &'static str {
+        "ceph-dashboard-settings"
+    }
+    fn summary(&self) -> &'static str {
+        "give this manager's dashboard its address and certificate in the cluster's config; restart the manager if its dashboard runs on older ones"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        Ok(!RESTART.pending(ctx) && Self::current(ctx).await?)
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        let (conf, admin) = conf_and_admin(ctx);
+        let unit = super::ceph::mgr_unit_name(&ctx.node);
+        // A manager that loaded the dashboard keeps what it read then.
+        let enabled = ceph::mgr_modules(&conf, &admin)
+            .await?
+            .enabled_modules
+            .iter()
+            .any(|m| m == MODULE);
+        if enabled && !Self::current(ctx).await? {
+            RESTART.mark(ctx)?;
+        }
+        let wanted = wanted_settings(ctx)?;
+        ceph::config_set(&conf, &admin, "mgr", &wanted.names.address, &wanted.address).await?;
+        let at = cert_paths(ctx);
+        ceph::config_key_set_from(&conf, &admin, &wanted.names.cert, &at.cert).await?;
+        ceph::config_key_set_from(&conf, &admin, &wanted.names.key, &at.key).await?;
+        if RESTART.pending(ctx) {
+            if ctx.services.state(&unit).await?.active_state == ActiveState::Active {
+                ctx.services.restart(&unit).await?;
+            }
+            RESTART.clear(ctx)?;
+        }
+        Ok(Outcome::Done)
+    }
+}
+
+struct Enable;
+
+#[async_trait]
+impl Step for Enable {
+    fn name(&self) -> &'static str {
+        "ceph-dashboard-enable"
+    }
+    fn summary(&self) -> &'static str {
+        "enable the managers' dashboard module and wait until the active manager serves it"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        let (conf, admin) = conf_and_admin(ctx);
+        let modules = ceph::mgr_modules(&conf, &admin).await?;
+        Ok(modules.enabled_modules.iter().any(|m| m == MODULE)
+            && ceph::mgr_services(&conf, &admin, Duration::from_secs(5))
+                .await?
+                .contains_key(MODULE))
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        module_installed(std::path::Path::new(MODULE_DIR))?;
+        let (conf, admin) = conf_and_admin(ctx);
+        ceph::mgr_module_enable(&conf, &admin, MODULE).await?;
+        ctx.progress
+            .waiting("the active manager to serve the dashboard");
+        let url = wait::poll_until(
+            "the active manager to serve the dashboard (ceph mgr services)",
+            SERVE_WAIT,
+            Backoff::remote(Duration::from_secs(2)),
+            || async {
+                match ceph::mgr_services(&conf, &admin, Duration::from_secs(5)).await {
+                    Ok(services) => match services.get(MODULE) {
+                        Some(url) => Poll::Ready(Ok(url.clone())),
+                        // A module that cannot run on the active manager
+                        // will not run by waiting.
+                        None => match ceph::mgr_modules(&conf, &admin).await {
+                            Ok(m) if m.cannot_run(MODULE).is_some() => {
+                                Poll::Ready(Err(StepError::Precondition(format!(
+                                    "the active manager cannot run the dashboard: {}; install \
+                                     {PACKAGE} and its dependencies on every monitor node",
+                                    m.cannot_run(MODULE).unwrap_or_default()
+                                ))))
+                            }
+                            _ => Poll::Pending("no dashboard URL yet".into()),
+                        },
+                    },
+                    Err(e) => Poll::Pending(e.to_string()),
+                }
+            },
+        )
+        .await??;
+        tracing::info!(%url, "dashboard served");
+        Ok(Outcome::Done)
+    }
+}
+
+/// The dashboard module is on this node's image, or the step says which
+/// package brings it.
+fn module_installed(dir: &std::path::Path) -> Result<(), StepError> {
+    if dir.join("module.py").exists() {
+        Ok(())
+    } else {
+        Err(StepError::Precondition(format!(
+            "ceph.dashboard is true, but {} is not on this node; install the {PACKAGE} package \
+             (or set dashboard: false)",
+            dir.display()
+        )))
+    }
+}
+
+struct Admin;
+
+#[async_trait]
+impl Step for Admin {
+    fn name(&self) -> &'static str {
+        "ceph-dashboard-admin"
+    }
+    fn summary(&self) -> &'static str {
+        "create the dashboard's admin account with a generated password (the seeding monitor) and keep it 0600 in /etc/ceph/dashboard/admin-password"
+    }
+    async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
+        let (conf, admin) = conf_and_admin(ctx);
+        let stored = ceph::config_key_get(&conf, &admin, PASSWORD_KEY).await?;
+        let local = super::read_text(&ctx.paths.host(PASSWORD_FILE))?;
+        Ok(stored.is_some()
+            && stored == local
+            && ceph::dashboard_user_exists(&conf, &admin, ADMIN_USER).await?)
+    }
+    async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        let (conf, admin) = conf_and_admin(ctx);
+        let file = ctx.paths.host(PASSWORD_FILE);
+        let seeds = super::ceph::load_record(&ctx.paths)?
+            .is_some_and(|r| r.formation == super::ceph::Formation::Seed);
+        let stored = match ceph::config_key_get(&conf, &admin, PASSWORD_KEY).await? {
+            Some(password) => password,
+            None if seeds => {
+                // The file first: a crash before the store took it leaves
+                // the same password to store on the next run.
+                let password = match super::read_text(&file)? {
+                    Some(p) if p.len() == PASSWORD_LEN => p,
+                    _ => Alphanumeric.sample_string(&mut rand::rng(), PASSWORD_LEN),
+                };
+                fsutil::write_atomic(&file, password.as_bytes(), SECRET_MODE)?;
+                ceph::config_key_set_from(&conf, &admin, PASSWORD_KEY, &file).await?;
+                password
+            }
+            None => {
+                ctx.progress
+                    .waiting("the seeding monitor to create the dashboard's admin password");
+                wait::poll_until(
+                    "the seeding monitor to store the dashboard's admin password",
+                    PASSWORD_WAIT,
+                    Backoff::remote(Duration::from_secs(5)),
+                    || async {
+                        match ceph::config_key_get(&conf, &admin, PASSWORD_KEY).await {
+                            Ok(Some(p)) => Poll::Ready(p),
+                            Ok(None) => Poll::Pending("not stored yet".into()),
+                            Err(e) => Poll::Pending(e.to_string()),
+                        }
+                    },
+                )
+                .await?
+            }
+        };
+        if super::read_text(&file)?.as_deref() != Some(stored.as_str()) {
+            fsutil::write_atomic(&file, stored.as_bytes(), SECRET_MODE)?;
+        }
+        // Every monitor node may create it: they all hold one password.
+        if !ceph::dashboard_user_exists(&conf, &admin, ADMIN_USER).await? {
+            ceph::dashboard_user_create(&conf, &admin, ADMIN_USER, &file, ADMIN_ROLE).await?;
+        }
+        Ok(Outcome::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_module_names_the_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = module_installed(&dir.path().join("dashboard")).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("install the ceph-mgr-dashboard package"),
+            "{text}"
+        );
+        std::fs::create_dir_all(dir.path().join("dashboard")).unwrap();
+        std::fs::write(dir.path().join("dashboard/module.py"), "").unwrap();
+        module_installed(&dir.path().join("dashboard")).unwrap();
+    }
+}
