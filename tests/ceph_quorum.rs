@@ -32,7 +32,7 @@ fn mons(names: &[&'static str]) -> Cluster {
     spec.extend(names.iter().map(|n| (*n, &["ceph-mon"][..])));
     let c = Cluster::new(&spec);
     for n in names {
-        allow_full_disk(&c, n);
+        c.ceph_test_overrides(n);
     }
     c
 }
@@ -44,30 +44,6 @@ fn require_ceph() {
     support::require_tool("ceph", "ceph-common");
     support::require_tool("ceph-authtool", "ceph-common");
 }
-
-/// The test machines' disks are fuller than Ceph's 30 % free-space warning
-/// allows, and the test clusters have no OSDs (which the managers would
-/// rightly warn about). A lost manager is noticed after 10 s instead of 30
-/// (more than the monitors' 5 s tick plus the manager's 2 s beacon, or
-/// every tick is taken for a stall), and "no active mgr" is raised after
-/// 3 s instead of 60 and 120. Operators set such overrides the same way.
-fn allow_full_disk(c: &Cluster, node: &str) {
-    let defaults = c.root(node).join("etc/default/ceph");
-    std::fs::create_dir_all(defaults.parent().unwrap()).unwrap();
-    std::fs::write(
-        &defaults,
-        format!(
-            "CEPH_ARGS=\"--mon_data_avail_warn=1 --mon_warn_on_too_few_osds=false \
-             --mon_mgr_beacon_grace={MGR_BEACON_GRACE} --mon_mgr_inactive_grace={MGR_GRACE} \
-             --mon_mgr_mkfs_grace={MGR_GRACE}\"\n"
-        ),
-    )
-    .unwrap();
-}
-
-const MGR_BEACON_GRACE: u64 = 10;
-/// `mon_mgr_mkfs_grace` and `mon_mgr_inactive_grace`, in seconds.
-const MGR_GRACE: u64 = 3;
 
 /// The monitors in quorum, sorted (Ceph lists them by rank).
 fn quorum_names(status: &serde_json::Value) -> Vec<String> {
@@ -348,7 +324,7 @@ fn monitors_seed_when_the_kubernetes_side_fails() {
         ("cp-1", &["control-plane"]),
         ("cp-2", &["control-plane", "ceph-mon"]),
     ]);
-    allow_full_disk(&c, "cp-2");
+    c.ceph_test_overrides("cp-2");
     // cp-1 never runs, so cp-2's etcd join cannot get the CAs; make it fail
     // fast instead of waiting out its deadline.
     std::fs::remove_file(c.config_dir("cp-2").join("secrets/join-secret")).unwrap();
@@ -380,7 +356,7 @@ fn a_master_seeds_ceph_while_its_etcd_waits_for_the_first_master() {
         ("cp-1", &["control-plane"]),
         ("cp-2", &["control-plane", "ceph-mon"]),
     ]);
-    allow_full_disk(&c, "cp-2");
+    c.ceph_test_overrides("cp-2");
     let mut run = spawn_run(&c, "cp-2", None);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let journal_path = c.state_dir("cp-2").join("journal.json");
@@ -486,7 +462,7 @@ fn a_standby_manager_takes_over_from_a_lost_active_one() {
         finish(node, child);
     }
     assert_quorum(&c, &nodes);
-    assert_healthy_for(&c, "m-1", Duration::from_secs(MGR_GRACE + 2));
+    assert_healthy_for(&c, "m-1", Duration::from_secs(support::MGR_GRACE + 2));
     // A command only an active manager answers.
     let balancer = ceph_json(&c, "m-1", &["balancer", "status"]);
     assert!(balancer.get("mode").is_some(), "{balancer:#}");
@@ -494,7 +470,7 @@ fn a_standby_manager_takes_over_from_a_lost_active_one() {
     let (lost, _) = wait_for_managers(&c, "m-1", 3);
     c.stop_unit(&lost, &format!("ceph-mgr@{lost}.service"));
     let killed = std::time::Instant::now();
-    let deadline = killed + Duration::from_secs(MGR_BEACON_GRACE * 4);
+    let deadline = killed + Duration::from_secs(support::MGR_BEACON_GRACE * 4);
     let successor = loop {
         let map = ceph_json(&c, "m-1", &["mgr", "dump"]);
         let active = map["active_name"].as_str().unwrap_or_default();
@@ -513,7 +489,7 @@ fn a_standby_manager_takes_over_from_a_lost_active_one() {
     );
     let balancer = ceph_json(&c, "m-1", &["balancer", "status"]);
     assert!(balancer.get("mode").is_some(), "{balancer:#}");
-    assert_healthy_for(&c, "m-1", Duration::from_secs(MGR_GRACE + 2));
+    assert_healthy_for(&c, "m-1", Duration::from_secs(support::MGR_GRACE + 2));
 
     // The lost manager's node runs again: it comes back as a standby.
     run_ok(&c, &lost);
@@ -528,7 +504,7 @@ fn a_standby_manager_takes_over_from_a_lost_active_one() {
     for n in nodes {
         c.stop_unit(n, &format!("ceph-mgr@{n}.service"));
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(MGR_BEACON_GRACE * 4);
+    let deadline = std::time::Instant::now() + Duration::from_secs(support::MGR_BEACON_GRACE * 4);
     while ceph_json(&c, "m-1", &["mgr", "dump"])["available"] == true {
         assert!(
             std::time::Instant::now() < deadline,

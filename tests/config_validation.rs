@@ -694,8 +694,12 @@ fn the_ceph_dashboard_is_served_by_monitors_on_masters() {
     assert_errors(
         "bad-ceph-dashboard",
         &[
-            &format!("cluster.yaml:8:39: nodes[1].roles: a ceph-mon node without role control-plane {why}"),
-            &format!("cluster.yaml:9:39: nodes[2].roles: a ceph-mon node without role control-plane {why}"),
+            &format!(
+                "cluster.yaml:8:39: nodes[1].roles: a ceph-mon node without role control-plane {why}"
+            ),
+            &format!(
+                "cluster.yaml:9:39: nodes[2].roles: a ceph-mon node without role control-plane {why}"
+            ),
         ],
     );
     assert_errors(

@@ -2050,3 +2050,99 @@ fn the_floating_endpoint_follows_a_working_master() {
         kubectl_via_vip(&c).is_ok()
     });
 }
+
+const DASHBOARD_STEPS: [&str; 4] = [
+    "ceph-dashboard-cert",
+    "ceph-dashboard-settings",
+    "ceph-dashboard-enable",
+    "ceph-dashboard-admin",
+];
+
+/// `ceph` on `node` with its ceph.conf and admin key: its output.
+fn ceph(c: &Cluster, node: &str, args: &[&str]) -> Vec<u8> {
+    let root = c.root(node);
+    let out = Command::new(support::require_tool("ceph", "ceph-common"))
+        .arg("-c")
+        .arg(root.join("etc/ceph/ceph.conf"))
+        .args(args)
+        .env(
+            "CEPH_ARGS",
+            format!(
+                "--keyring {}",
+                root.join("etc/ceph/ceph.client.admin.keyring").display()
+            ),
+        )
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ceph {args:?}: {}", text(&out));
+    out.stdout
+}
+
+fn ceph_json(c: &Cluster, node: &str, args: &[&str]) -> serde_json::Value {
+    let all: Vec<&str> = args.iter().copied().chain(["-f", "json"]).collect();
+    serde_json::from_slice(&ceph(c, node, &all)).unwrap()
+}
+
+/// `ceph.dashboard: true` on a master that is also the monitor: runs
+/// crashed before and after each dashboard step in turn resume, and the
+/// last run converges on one served dashboard whose password file is the
+/// stored one. A further run issues nothing new.
+#[test]
+fn a_master_monitors_dashboard_converges_after_a_crash_at_each_step() {
+    support::require_tool("ceph-mgr", "ceph-mgr");
+    let _turn = loopback_turn();
+    let c = with_images(Cluster::new(&[("cp-1", &["control-plane", "ceph-mon"])]));
+    let yaml = c.cluster_yaml().replacen(
+        "    cluster_network:",
+        "    dashboard: true\n    cluster_network:",
+        1,
+    );
+    assert!(yaml.contains("dashboard: true"), "{yaml}");
+    c.write_config("cp-1", &yaml);
+    c.ceph_test_overrides("cp-1");
+    for step in DASHBOARD_STEPS {
+        for when in ["before", "after"] {
+            let out = spawn_run(&c, "cp-1", Some(&format!("{step}:{when}")))
+                .wait_with_output()
+                .unwrap();
+            let aborted = std::os::unix::process::ExitStatusExt::signal(&out.status) == Some(6);
+            assert!(aborted, "cp-1 {step}:{when}: {}", text(&out));
+        }
+    }
+    run_ok(&c, "cp-1");
+    assert_all_done(&c, "cp-1");
+    let services = ceph_json(&c, "cp-1", &["mgr", "services"]);
+    let ip = node_ip(&c, "cp-1");
+    assert_eq!(
+        services["dashboard"],
+        format!("https://{ip}:8443/"),
+        "{services:#}"
+    );
+    let root = c.root("cp-1");
+    let password = std::fs::read_to_string(root.join("etc/ceph/dashboard/admin-password")).unwrap();
+    let stored = ceph(
+        &c,
+        "cp-1",
+        &[
+            "config-key",
+            "get",
+            "cluster-agent/ceph-dashboard/admin-password",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&stored), password);
+    let user = ceph_json(&c, "cp-1", &["dashboard", "ac-user-show", "admin"]);
+    assert_eq!(
+        user["roles"],
+        serde_json::json!(["administrator"]),
+        "{user:#}"
+    );
+
+    let cert = std::fs::read(root.join("etc/ceph/dashboard/dashboard.crt")).unwrap();
+    run_ok(&c, "cp-1");
+    assert_eq!(
+        std::fs::read(root.join("etc/ceph/dashboard/dashboard.crt")).unwrap(),
+        cert,
+        "a converged node keeps its certificate"
+    );
+    assert_all_done(&c, "cp-1");
+}

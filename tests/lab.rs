@@ -19,6 +19,14 @@ fn lab(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// A `--netns` lab names its bridge and namespaces the same every time
+/// (`calab0`, `calab-<node>`): such labs take turns. Hold the turn until
+/// `lab down`.
+fn netns_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Processes whose command line or environment mention `dir`.
 fn processes_of(dir: &Path) -> Vec<String> {
     let needle = dir.to_string_lossy().into_owned();
@@ -111,6 +119,7 @@ fn lab_up_status_down_leaves_nothing_behind() {
 /// through it from a node's network.
 #[test]
 fn a_lab_with_a_floating_endpoint_answers_on_it() {
+    let _turn = netns_turn();
     let base = tempfile::tempdir().unwrap();
     let dir = base.path().join("lab");
     let d = dir.to_str().unwrap();
@@ -217,15 +226,18 @@ fn without_the_built_binaries_the_lab_says_how_to_build_them() {
     assert!(!d.exists(), "nothing laid out");
 }
 
-/// `--ceph-dashboard`: the monitor's manager serves Ceph's dashboard over
-/// HTTPS with a certificate from the cluster CA (`openssl verify` agrees,
-/// curl pinned to that CA connects), and the generated admin password,
-/// 0600 on the node and in no log, logs in.
+/// `--ceph-dashboard` with three masters, each a monitor: the active
+/// manager serves Ceph's dashboard over HTTPS with a certificate from the
+/// cluster CA (`openssl verify` agrees, curl pinned to that CA connects),
+/// each standby answers on its own node's address with a redirect to it,
+/// and the admin password, generated once and 0600 on every monitor node
+/// alike and in no log, logs in.
 #[test]
 fn a_lab_with_the_ceph_dashboard_serves_it_over_tls_from_the_cluster_ca() {
     support::require_tool("curl", "curl");
     support::require_tool("openssl", "openssl");
     support::require_tool("ceph-mgr", "ceph-mgr");
+    let _turn = netns_turn();
     let base = tempfile::tempdir().unwrap();
     let dir = base.path().join("lab");
     let d = dir.to_str().unwrap();
@@ -233,12 +245,13 @@ fn a_lab_with_the_ceph_dashboard_serves_it_over_tls_from_the_cluster_ca() {
         "up",
         "--dir",
         d,
+        "--netns",
         "--masters",
-        "1",
+        "3",
         "--workers",
         "0",
         "--ceph-mons",
-        "1",
+        "3",
         "--ceph-dashboard",
     ]);
     let down = || {
@@ -249,8 +262,16 @@ fn a_lab_with_the_ceph_dashboard_serves_it_over_tls_from_the_cluster_ca() {
         down();
         panic!("{}", text(&up));
     }
+    let masters = ["cp-1", "cp-2", "cp-3"];
+    let in_netns = |node: &str, program: &str| {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/calab-{node}"))
+            .arg("--")
+            .arg(program);
+        cmd
+    };
     let root = dir.join("cp-1");
-    let status = Command::new(AGENT)
+    let status = in_netns("cp-1", AGENT)
         .arg("--root")
         .arg(&root)
         .args(["status", "--json"])
@@ -266,61 +287,95 @@ fn a_lab_with_the_ceph_dashboard_serves_it_over_tls_from_the_cluster_ca() {
         .cloned()
         .unwrap();
     let url = ceph["data"]["dashboard"].as_str().map(str::to_string);
+    let active = ceph["data"]["managers"]["active"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let ca = root.join("etc/kubernetes/pki/ca.crt");
-    let cert = root.join("etc/ceph/dashboard/dashboard.crt");
-    let verify = Command::new("openssl")
-        .arg("verify")
-        .arg("-CAfile")
-        .arg(&ca)
-        .arg(&cert)
-        .output()
-        .unwrap();
-    let password_file = root.join("etc/ceph/dashboard/admin-password");
-    let password = std::fs::read_to_string(&password_file).unwrap_or_default();
-    let mode = std::fs::metadata(&password_file)
-        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
-        .unwrap_or_default();
+    let verify: Vec<Output> = masters
+        .iter()
+        .map(|m| {
+            Command::new("openssl")
+                .arg("verify")
+                .arg("-CAfile")
+                .arg(&ca)
+                .arg(dir.join(m).join("etc/ceph/dashboard/dashboard.crt"))
+                .output()
+                .unwrap()
+        })
+        .collect();
+    let password_files: Vec<_> = masters
+        .iter()
+        .map(|m| dir.join(m).join("etc/ceph/dashboard/admin-password"))
+        .collect();
+    let passwords: Vec<String> = password_files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap_or_default())
+        .collect();
+    let modes: Vec<u32> = password_files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f)
+                .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+                .unwrap_or_default()
+        })
+        .collect();
+    let password = passwords[0].clone();
+    let post = |url: &str, body: &str| {
+        in_netns("cp-1", "curl")
+            .args(["-sS", "--max-time", "20", "--cacert"])
+            .arg(&ca)
+            .args(["-X", "POST", "-w", "\n%{http_code}"])
+            .args(["-H", "Accept: application/vnd.ceph.api.v1.0+json"])
+            .args(["-H", "Content-Type: application/json"])
+            .args(["-d", body])
+            .arg(format!("{url}api/auth"))
+            .output()
+            .unwrap()
+    };
     let login = url.as_ref().map(|url| {
-        Command::new("curl")
-            .args(["-sS", "--max-time", "20", "--cacert"])
-            .arg(&ca)
-            .args(["-X", "POST", "-w", "\n%{http_code}"])
-            .args(["-H", "Accept: application/vnd.ceph.api.v1.0+json"])
-            .args(["-H", "Content-Type: application/json"])
-            .args([
-                "-d",
-                &serde_json::json!({"username": "admin", "password": password}).to_string(),
-            ])
-            .arg(format!("{url}api/auth"))
-            .output()
-            .unwrap()
+        post(
+            url,
+            &serde_json::json!({"username": "admin", "password": password}).to_string(),
+        )
     });
-    let wrong = url.as_ref().map(|url| {
-        Command::new("curl")
-            .args(["-sS", "--max-time", "20", "--cacert"])
-            .arg(&ca)
-            .args(["-X", "POST", "-w", "\n%{http_code}"])
-            .args(["-H", "Accept: application/vnd.ceph.api.v1.0+json"])
-            .args(["-H", "Content-Type: application/json"])
-            .args(["-d", r#"{"username": "admin", "password": "not-it"}"#])
-            .arg(format!("{url}api/auth"))
-            .output()
-            .unwrap()
-    });
+    let wrong = url
+        .as_ref()
+        .map(|url| post(url, r#"{"username": "admin", "password": "not-it"}"#));
+    // The standbys, each on its own address with its own certificate.
+    let standbys: Vec<(String, Output)> = (1..=3)
+        .filter(|i| format!("cp-{i}") != active)
+        .map(|i| {
+            let address = format!("https://198.19.250.{}:8443/", 10 + i);
+            let out = in_netns("cp-1", "curl")
+                .args(["-sS", "--max-time", "20", "--cacert"])
+                .arg(&ca)
+                .args(["-o", "/dev/null", "-w", "%{http_code} %{redirect_url}"])
+                .arg(&address)
+                .output()
+                .unwrap();
+            (address, out)
+        })
+        .collect();
     // The monitors' store keeps it (where every monitor node reads it);
     // nothing else may: no log, no journal, no unit.
-    let mon_store = root.join("var/lib/ceph/mon");
-    let leaked: Vec<_> = grep_tree(&dir, &password)
+    let mut leaked: Vec<_> = grep_tree(&dir, &password)
         .into_iter()
-        .filter(|p| !p.starts_with(&mon_store))
+        .filter(|p| !p.components().any(|c| c.as_os_str() == "mon"))
         .collect();
+    leaked.sort();
     down();
 
     let url = url.unwrap_or_else(|| panic!("no dashboard in status: {ceph:#}"));
-    assert!(url.starts_with("https://127.77.0.11:8443"), "{url}");
-    assert!(verify.status.success(), "{}", text(&verify));
+    assert!(masters.contains(&active.as_str()), "{ceph:#}");
+    let active_ip = 10 + active[3..].parse::<u8>().unwrap();
+    assert_eq!(url, format!("https://198.19.250.{active_ip}:8443/"));
+    for out in &verify {
+        assert!(out.status.success(), "{}", text(out));
+    }
     assert_eq!(password.len(), 24, "a generated password");
-    assert_eq!(mode, 0o600);
+    assert!(passwords.iter().all(|p| *p == password), "one password");
+    assert!(modes.iter().all(|m| *m == 0o600), "{modes:?}");
     let login = login.unwrap();
     let answer = String::from_utf8_lossy(&login.stdout);
     assert!(
@@ -334,10 +389,18 @@ fn a_lab_with_the_ceph_dashboard_serves_it_over_tls_from_the_cluster_ca() {
         refused.ends_with("\n400") && refused.contains("invalid_credentials"),
         "{refused}"
     );
+    assert_eq!(standbys.len(), 2);
+    for (address, out) in &standbys {
+        let answer = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            answer.starts_with('3') && answer.ends_with(&url),
+            "{address}: {answer} {}",
+            text(out)
+        );
+    }
     assert_eq!(
-        leaked,
-        vec![password_file.clone()],
-        "the password is in its own file only"
+        leaked, password_files,
+        "the password is in its own files only"
     );
 }
 

@@ -52,6 +52,12 @@ pub struct NodeDef {
     pub mac: String,
 }
 
+/// The tests' Ceph manager grace periods (see [`Cluster::ceph_test_overrides`]), in
+/// seconds: the monitors' `mon_mgr_beacon_grace`.
+pub const MGR_BEACON_GRACE: u64 = 10;
+/// `mon_mgr_mkfs_grace` and `mon_mgr_inactive_grace`, in seconds.
+pub const MGR_GRACE: u64 = 3;
+
 /// A cluster laid out under one temp dir: `<dir>/<node>/` is each node's
 /// `--root`, holding the same `etc/cluster-config/cluster.yaml`.
 pub struct Cluster {
@@ -290,6 +296,26 @@ impl Cluster {
         for node in &self.nodes {
             copy_tree(pki.dir(), &self.config_dir(&node.name).join("pki"));
         }
+    }
+
+    /// The test machines' disks are fuller than Ceph's 30 % free-space warning
+    /// allows, and the test clusters have no OSDs (which the managers would
+    /// rightly warn about). A lost manager is noticed after 10 s instead of 30
+    /// (more than the monitors' 5 s tick plus the manager's 2 s beacon, or
+    /// every tick is taken for a stall), and "no active mgr" is raised after
+    /// 3 s instead of 60 and 120. Operators set such overrides the same way.
+    pub fn ceph_test_overrides(&self, node: &str) {
+        let defaults = self.root(node).join("etc/default/ceph");
+        std::fs::create_dir_all(defaults.parent().unwrap()).unwrap();
+        std::fs::write(
+            &defaults,
+            format!(
+                "CEPH_ARGS=\"--mon_data_avail_warn=1 --mon_warn_on_too_few_osds=false \
+                 --mon_mgr_beacon_grace={MGR_BEACON_GRACE} --mon_mgr_inactive_grace={MGR_GRACE} \
+                 --mon_mgr_mkfs_grace={MGR_GRACE}\"\n"
+            ),
+        )
+        .unwrap();
     }
 
     /// The check `name` of `status --json` on `node`.
