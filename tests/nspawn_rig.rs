@@ -149,6 +149,9 @@ fn cold_rack_bootstraps_through_real_systemd() {
     for node in ["cp-1", "cp-2", "m-1"] {
         let mon = rig.unit(node, &format!("ceph-mon@{node}.service"));
         assert_eq!(mon["ActiveState"], "active", "{node}: {mon:?}");
+        // A manager beside every monitor, run by systemd from our unit.
+        let mgr = rig.unit(node, &format!("ceph-mgr@{node}.service"));
+        assert_eq!(mgr["ActiveState"], "active", "{node}: {mgr:?}");
     }
     // While a node worked, `systemctl status` named its phase and step.
     assert!(

@@ -176,7 +176,11 @@ pub fn mgr_id(node: &NodeSpec) -> &str {
 }
 
 pub fn mgr_entity(node: &NodeSpec) -> String {
-    format!("mgr.{}", mgr_id(node))
+    mgr_entity_of(mgr_id(node))
+}
+
+pub fn mgr_entity_of(id: &str) -> String {
+    format!("mgr.{id}")
 }
 
 pub fn mgr_data_dir(paths: &HostPaths, node: &NodeSpec) -> PathBuf {
@@ -372,8 +376,20 @@ async fn run(
     })
 }
 
+/// How long a `ceph` call may take once connected: `--connect-timeout`
+/// bounds only the monitors' connection, and a manager command waits for
+/// an active manager as long as there is none.
+const CLI_COMMAND_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Two secrets' bytes compared in constant time (for equal lengths).
+pub fn secret_eq(a: &str, b: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    a.as_bytes().ct_eq(b.as_bytes()).into()
+}
+
 /// The `ceph` CLI through the quorum with the admin key; `connect_timeout`
-/// bounds how long an unreachable quorum is tried. The key is passed in
+/// bounds how long an unreachable quorum is tried, and the whole call ends
+/// (ETIMEDOUT) [`CLI_COMMAND_DEADLINE`] after that. The key is passed in
 /// CEPH_ARGS so the CLI neither warns about nor reads /etc/ceph keyrings.
 async fn admin_cli(
     conf: &Path,
@@ -389,15 +405,28 @@ async fn admin_cli(
         conf.as_os_str(),
     ];
     all.extend_from_slice(args);
-    run(
-        "ceph",
-        &all,
-        &[(
-            "CEPH_ARGS",
-            format!("--keyring {}", admin_keyring.display()),
-        )],
-    )
-    .await
+    let env = [(
+        "CEPH_ARGS",
+        format!("--keyring {}", admin_keyring.display()),
+    )];
+    let call = run("ceph", &all, &env);
+    // The child is killed on drop.
+    tokio::time::timeout(connect_timeout + CLI_COMMAND_DEADLINE, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(CephError::Command {
+                command: std::iter::once("ceph".to_string())
+                    .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                status: "no answer".into(),
+                code: Some(ETIMEDOUT),
+                stderr: format!(
+                    "no answer within {:?}",
+                    connect_timeout + CLI_COMMAND_DEADLINE
+                ),
+            })
+        })
 }
 
 /// `ceph quorum_status` through the quorum: (monitors in quorum, every
@@ -629,9 +658,13 @@ pub async fn mgr_map(
     parse_json("ceph mgr dump", &out)
 }
 
-/// The errno the `ceph` CLI exits with for a key, user or entity that does
-/// not exist.
-const ENOENT: i32 = 2;
+/// Exit codes of the `ceph` CLI: the errno the cluster answered.
+pub const ENOENT: i32 = 2;
+pub const EINVAL: i32 = 22;
+/// A manager command sent while no active manager has loaded the module
+/// (after a fail-over, for a few seconds).
+pub const EOPNOTSUPP: i32 = 95;
+pub const ETIMEDOUT: i32 = 110;
 
 /// The admin CLI with plain string arguments and the usual connect bound.
 async fn admin(conf: &Path, admin_keyring: &Path, args: &[&str]) -> Result<Vec<u8>, CephError> {
@@ -724,7 +757,6 @@ pub async fn config_rm(
 #[derive(Debug, Clone, Deserialize)]
 pub struct MgrModules {
     pub enabled_modules: Vec<String>,
-    pub always_on_modules: Vec<String>,
     pub disabled_modules: Vec<MgrModule>,
 }
 

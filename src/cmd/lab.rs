@@ -253,6 +253,13 @@ async fn up(args: &LabUpArgs) -> Result<i32, CliError> {
                 .into(),
         ));
     }
+    if args.ceph_dashboard && args.ceph_mons > args.masters {
+        return Err(CliError::Usage(format!(
+            "--ceph-dashboard needs every monitor on a master (its certificate comes from the \
+             cluster CA): --ceph-mons {} is more than --masters {}",
+            args.ceph_mons, args.masters
+        )));
+    }
     let dir = &args.dir;
     if record_path(dir).exists() {
         return Err(CliError::Usage(format!(

@@ -197,7 +197,7 @@ pub async fn plan(
         .collect();
     actions.extend(control_plane.iter().cloned().map(Action::StopUnit));
     actions.extend(leave_etcd(global, paths, force).await?);
-    actions.extend(leave_ceph_monitor(global, paths, force).await?);
+    actions.extend(leave_ceph_monitor(global, paths, force, &units).await?);
 
     let stopped: Vec<String> = actions
         .iter()
@@ -358,6 +358,7 @@ async fn leave_ceph_monitor(
     global: &GlobalArgs,
     paths: &HostPaths,
     force: bool,
+    units: &[Unit],
 ) -> Result<Vec<Action>, CliError> {
     let config = match super::load_config(paths) {
         Ok(c) => c,
@@ -383,9 +384,14 @@ async fn leave_ceph_monitor(
             ));
         }
     };
+    // A crash (or an image without ceph-mgr) may have left the key but no
+    // unit: a unit that was never installed is not stopped.
     let mut actions = Vec::new();
+    let mgr_unit = crate::phases::ceph::mgr_unit_name(node);
+    if units.iter().any(|u| u.name == mgr_unit) {
+        actions.push(Action::StopUnit(mgr_unit));
+    }
     if crate::ceph::mgr_keyring(paths, node).exists() {
-        actions.push(Action::StopUnit(crate::phases::ceph::mgr_unit_name(node)));
         actions.push(Action::ForgetCephManager {
             id: crate::ceph::mgr_id(node).to_string(),
         });
@@ -393,16 +399,20 @@ async fn leave_ceph_monitor(
     if !mons.contains(&id) {
         return Ok(actions);
     }
+    // Forced past a guard, the manager is still forgotten: only the
+    // monitor stays in the monmap.
+    let refuse_leaving = |why: String| refuse_unless(force, why).map(|()| actions.clone());
     let remaining = mons.len() - 1;
     if remaining == 0 {
-        return refuse(format!(
+        return refuse_leaving(format!(
             "monitor {id} is the cluster's last: removing it ends the Ceph cluster"
         ));
     }
     let others_in_quorum = in_quorum.iter().filter(|m| **m != id).count();
     if others_in_quorum < survey::quorum(remaining) {
-        return refuse(format!(
-            "without monitor {id}, {others_in_quorum} of the remaining {remaining} monitors are in              quorum, fewer than the {} a quorum needs",
+        return refuse_leaving(format!(
+            "without monitor {id}, {others_in_quorum} of the remaining {remaining} monitors are \
+             in quorum, fewer than the {} a quorum needs",
             survey::quorum(remaining)
         ));
     }
@@ -575,7 +585,7 @@ async fn forget_ceph_manager(paths: &HostPaths, id: &str) -> Result<(), crate::c
     for key in keys {
         crate::ceph::config_key_rm(&conf, &admin, &key).await?;
     }
-    crate::ceph::delete_key(&conf, &admin, &format!("mgr.{id}")).await
+    crate::ceph::delete_key(&conf, &admin, &crate::ceph::mgr_entity_of(id)).await
 }
 
 /// With `--force`, an action that failed is a warning and reset goes on.

@@ -555,7 +555,8 @@ impl Step for Start {
     }
 }
 
-fn conf_and_admin(ctx: &Context) -> (PathBuf, PathBuf) {
+/// ceph.conf and the admin keyring: how this node's steps ask the quorum.
+pub(super) fn conf_and_admin(ctx: &Context) -> (PathBuf, PathBuf) {
     (
         ctx.paths.host(ceph::CONF_FILE),
         ctx.paths.host(ceph::ADMIN_KEYRING),
@@ -585,12 +586,15 @@ impl Step for MgrKey {
         let key = match ceph::get_or_create_key(&conf, &admin, &entity, ceph::MGR_CAPS).await {
             Ok(key) => key,
             Err(ceph::CephError::Command {
-                code: Some(EINVAL), ..
+                code: Some(ceph::EINVAL),
+                ..
             }) => {
                 return Err(StepError::Precondition(format!(
-                    "{entity} exists in the cluster's auth database with other caps than a \
-                     manager's; give it the documented ones (`ceph auth caps {entity} mon 'allow \
-                     profile mgr' osd 'allow *' mds 'allow *'`) or remove it, and run again"
+                    "the cluster refused to create {entity} (EINVAL), which it does when \
+                     {entity} exists with other caps than a manager's (`ceph auth get \
+                     {entity}` shows them); give it the documented ones (`ceph auth caps \
+                     {entity} mon 'allow profile mgr' osd 'allow *' mds 'allow *'`) or remove \
+                     it, and run again"
                 )));
             }
             Err(e) => return Err(e.into()),
@@ -608,9 +612,6 @@ impl Step for MgrKey {
         Ok(Outcome::Done)
     }
 }
-
-/// The errno the cluster answers a request it refuses as invalid with.
-const EINVAL: i32 = 22;
 
 struct MgrUnitConfig;
 

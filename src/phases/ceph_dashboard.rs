@@ -5,9 +5,12 @@
 //! Each manager gets its own certificate from the cluster CA (its node's
 //! name and address) and listens on its node's address: a standby answers
 //! there too, redirecting to the active one. The cluster-wide admin
-//! account's password is generated once, by the seeding monitor, and kept
-//! in the monitors' config-key store, so every monitor node (and a node
-//! reset and rejoined) writes the same 0600 file.
+//! account's password is generated once, by the first monitor in
+//! cluster.yaml's order, and kept in the monitors' config-key store, so
+//! every monitor node (and a node reset and rejoined) writes the same 0600
+//! file. The other monitors wait for it, so their dashboard phase waits
+//! for the first monitor's, which needs that master's PKI: the dashboard
+//! (never the monitors or managers) waits for Kubernetes.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,11 +18,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rand::distr::{Alphanumeric, SampleString};
 
+use super::ceph::conf_and_admin;
 use crate::ceph;
 use crate::engine::{Context, Outcome, Phase, Step, StepError};
 use crate::fsutil::{self, SECRET_MODE};
 use crate::pki::CertKeyPaths;
-use crate::services::ActiveState;
 use crate::wait::{self, Backoff, Poll};
 
 pub const PHASE: &str = "ceph-dashboard";
@@ -67,13 +70,6 @@ fn cert_paths(ctx: &Context) -> CertKeyPaths {
         cert: ctx.paths.host(format!("{DIR}/dashboard.crt")),
         key: ctx.paths.host(format!("{DIR}/dashboard.key")),
     }
-}
-
-fn conf_and_admin(ctx: &Context) -> (PathBuf, PathBuf) {
-    (
-        ctx.paths.host(ceph::CONF_FILE),
-        ctx.paths.host(ceph::ADMIN_KEYRING),
-    )
 }
 
 /// Where the dashboard reads manager `id`'s own settings: a config option
@@ -152,22 +148,37 @@ impl Step for Certificate {
 
 struct Settings;
 
+/// This manager's dashboard settings in the cluster against the wanted ones.
+#[derive(PartialEq, Eq)]
+enum Stored {
+    Current,
+    /// Never set: a manager that runs the dashboard waits for them (it
+    /// looks every few seconds) and needs no restart.
+    Missing,
+    /// Set to other values, which a running dashboard has loaded.
+    Stale,
+}
+
 impl Settings {
-    async fn current(ctx: &Context) -> Result<bool, StepError> {
+    async fn stored(ctx: &Context) -> Result<Stored, StepError> {
         let (conf, admin) = conf_and_admin(ctx);
         let wanted = wanted_settings(ctx)?;
-        if ceph::config_get(&conf, &admin, "mgr", &wanted.names.address).await? != wanted.address {
-            return Ok(false);
-        }
-        for (key, value) in [
-            (&wanted.names.cert, &wanted.cert),
-            (&wanted.names.key, &wanted.key),
-        ] {
-            if ceph::config_key_get(&conf, &admin, key).await?.as_ref() != Some(value) {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        let address = ceph::config_get(&conf, &admin, "mgr", &wanted.names.address).await?;
+        let cert = ceph::config_key_get(&conf, &admin, &wanted.names.cert).await?;
+        let key = ceph::config_key_get(&conf, &admin, &wanted.names.key).await?;
+        let (Some(cert), Some(key)) = (cert, key) else {
+            return Ok(Stored::Missing);
+        };
+        Ok(
+            if address == wanted.address
+                && cert == wanted.cert
+                && ceph::secret_eq(&key, &wanted.key)
+            {
+                Stored::Current
+            } else {
+                Stored::Stale
+            },
+        )
     }
 }
 
@@ -180,18 +191,23 @@ impl Step for Settings {
         "give this manager's dashboard its address and certificate in the cluster's config; restart the manager if its dashboard runs on older ones"
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
-        Ok(!RESTART.pending(ctx) && Self::current(ctx).await?)
+        // Without the module the monitors do not know its options: let
+        // apply say which package is missing.
+        if module_installed(std::path::Path::new(MODULE_DIR)).is_err() {
+            return Ok(false);
+        }
+        Ok(!RESTART.pending(ctx) && Self::stored(ctx).await? == Stored::Current)
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
+        module_installed(std::path::Path::new(MODULE_DIR))?;
         let (conf, admin) = conf_and_admin(ctx);
-        let unit = super::ceph::mgr_unit_name(&ctx.node);
         // A manager that loaded the dashboard keeps what it read then.
         let enabled = ceph::mgr_modules(&conf, &admin)
             .await?
             .enabled_modules
             .iter()
             .any(|m| m == MODULE);
-        if enabled && !Self::current(ctx).await? {
+        if enabled && Self::stored(ctx).await? == Stored::Stale {
             RESTART.mark(ctx)?;
         }
         let wanted = wanted_settings(ctx)?;
@@ -199,12 +215,9 @@ impl Step for Settings {
         let at = cert_paths(ctx);
         ceph::config_key_set_from(&conf, &admin, &wanted.names.cert, &at.cert).await?;
         ceph::config_key_set_from(&conf, &admin, &wanted.names.key, &at.key).await?;
-        if RESTART.pending(ctx) {
-            if ctx.services.state(&unit).await?.active_state == ActiveState::Active {
-                ctx.services.restart(&unit).await?;
-            }
-            RESTART.clear(ctx)?;
-        }
+        RESTART
+            .settle(ctx, &super::ceph::mgr_unit_name(&ctx.node))
+            .await?;
         Ok(Outcome::Done)
     }
 }
@@ -280,30 +293,63 @@ fn module_installed(dir: &std::path::Path) -> Result<(), StepError> {
 
 struct Admin;
 
+/// Whether the dashboard has its admin account, asked until the module
+/// answers: right after a manager fail-over the new active one has not
+/// loaded it yet (EOPNOTSUPP), and with no active manager the call runs
+/// into its deadline (ETIMEDOUT).
+async fn admin_account_exists(ctx: &Context) -> Result<bool, StepError> {
+    let (conf, admin) = conf_and_admin(ctx);
+    wait::poll_until(
+        "the dashboard module to answer (ceph dashboard ac-user-show)",
+        SERVE_WAIT,
+        Backoff::remote(Duration::from_secs(2)),
+        || async {
+            match ceph::dashboard_user_exists(&conf, &admin, ADMIN_USER).await {
+                Ok(exists) => Poll::Ready(Ok(exists)),
+                Err(
+                    e @ ceph::CephError::Command {
+                        code: Some(ceph::EOPNOTSUPP | ceph::ETIMEDOUT),
+                        ..
+                    },
+                ) => Poll::Pending(e.to_string()),
+                Err(e) => Poll::Ready(Err(StepError::from(e))),
+            }
+        },
+    )
+    .await?
+}
+
+/// The password file holds `password`.
+fn file_holds(ctx: &Context, password: &str) -> Result<bool, StepError> {
+    Ok(super::read_text(&ctx.paths.host(PASSWORD_FILE))?
+        .is_some_and(|local| ceph::secret_eq(&local, password)))
+}
+
 #[async_trait]
 impl Step for Admin {
     fn name(&self) -> &'static str {
         "ceph-dashboard-admin"
     }
     fn summary(&self) -> &'static str {
-        "create the dashboard's admin account with a generated password (the seeding monitor) and keep it 0600 in /etc/ceph/dashboard/admin-password"
+        "create the dashboard's admin account with a password the first monitor generates, kept in the monitors' store and 0600 in /etc/ceph/dashboard/admin-password"
     }
     async fn check(&self, ctx: &Context) -> Result<bool, StepError> {
         let (conf, admin) = conf_and_admin(ctx);
-        let stored = ceph::config_key_get(&conf, &admin, PASSWORD_KEY).await?;
-        let local = super::read_text(&ctx.paths.host(PASSWORD_FILE))?;
-        Ok(stored.is_some()
-            && stored == local
-            && ceph::dashboard_user_exists(&conf, &admin, ADMIN_USER).await?)
+        let Some(stored) = ceph::config_key_get(&conf, &admin, PASSWORD_KEY).await? else {
+            return Ok(false);
+        };
+        Ok(file_holds(ctx, &stored)? && admin_account_exists(ctx).await?)
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         let (conf, admin) = conf_and_admin(ctx);
         let file = ctx.paths.host(PASSWORD_FILE);
-        let seeds = super::ceph::load_record(&ctx.paths)?
-            .is_some_and(|r| r.formation == super::ceph::Formation::Seed);
+        // One generator, chosen by cluster.yaml's order and not by who
+        // seeded: a first monitor reset since, or a dashboard turned on
+        // later, still has one.
+        let generates = ctx.ceph_role == crate::role::CephRole::MonFirst;
         let stored = match ceph::config_key_get(&conf, &admin, PASSWORD_KEY).await? {
             Some(password) => password,
-            None if seeds => {
+            None if generates => {
                 // The file first: a crash before the store took it leaves
                 // the same password to store on the next run.
                 let password = match super::read_text(&file)? {
@@ -316,9 +362,9 @@ impl Step for Admin {
             }
             None => {
                 ctx.progress
-                    .waiting("the seeding monitor to create the dashboard's admin password");
+                    .waiting("the first monitor to create the dashboard's admin password");
                 wait::poll_until(
-                    "the seeding monitor to store the dashboard's admin password",
+                    "the first monitor to store the dashboard's admin password",
                     PASSWORD_WAIT,
                     Backoff::remote(Duration::from_secs(5)),
                     || async {
@@ -332,11 +378,11 @@ impl Step for Admin {
                 .await?
             }
         };
-        if super::read_text(&file)?.as_deref() != Some(stored.as_str()) {
+        if !file_holds(ctx, &stored)? {
             fsutil::write_atomic(&file, stored.as_bytes(), SECRET_MODE)?;
         }
         // Every monitor node may create it: they all hold one password.
-        if !ceph::dashboard_user_exists(&conf, &admin, ADMIN_USER).await? {
+        if !admin_account_exists(ctx).await? {
             ceph::dashboard_user_create(&conf, &admin, ADMIN_USER, &file, ADMIN_ROLE).await?;
         }
         Ok(Outcome::Done)

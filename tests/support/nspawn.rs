@@ -31,10 +31,13 @@ use super::{AGENT, NodeDef, built_binary, cluster_yaml};
 
 /// Bump when the root file system's contents or preparation change: the
 /// cache is keyed by it.
-const ROOTFS_VERSION: &str = "bookworm-v2";
+const ROOTFS_VERSION: &str = "bookworm-v3";
 /// No etcd: Debian's (3.4) is not what the agent runs; each control-plane
-/// node gets the built one (see [`Rig::install_node`]).
-const PACKAGES: &str = "systemd,systemd-sysv,dbus,libpam-systemd,iproute2,ceph-mon,ceph-common";
+/// node gets the built one (see [`Rig::install_node`]). debootstrap does
+/// not resolve virtual packages: python3-cffi-backend provides the
+/// `python3-cffi-backend-api-*` that ceph-mgr's python3-bcrypt and
+/// python3-cryptography need.
+const PACKAGES: &str = "systemd,systemd-sysv,dbus,libpam-systemd,iproute2,ceph-mon,ceph-mgr,ceph-common,python3-cffi-backend";
 const MIRROR: &str = "http://deb.debian.org/debian";
 
 fn target_dir() -> PathBuf {
@@ -57,7 +60,7 @@ pub fn rootfs() -> PathBuf {
         .map_err(|(_, e)| e)
         .expect("lock the rootfs cache");
     let done = cache.join(ROOTFS_VERSION);
-    if done.join("usr/bin/ceph-mon").exists() {
+    if done.join("usr/bin/ceph-mgr").exists() {
         return done;
     }
     for tool in ["debootstrap", "systemd-nspawn", "nsenter"] {
@@ -113,6 +116,8 @@ fn prepare_image(root: &Path) {
         wants("multi-user.target").join("ceph.target"),
         wants("multi-user.target").join("ceph-mon.target"),
         wants("ceph.target").join("ceph-mon.target"),
+        wants("multi-user.target").join("ceph-mgr.target"),
+        wants("ceph.target").join("ceph-mgr.target"),
     ] {
         let _ = fs::remove_file(leftover);
     }
