@@ -57,36 +57,12 @@ fn quorum_names(status: &serde_json::Value) -> Vec<String> {
     names
 }
 
-/// `ceph` as an operator on `node` runs it: its ceph.conf and admin key.
 fn ceph(c: &Cluster, node: &str, args: &[&str]) -> Output {
-    let root = c.root(node);
-    Command::new("ceph")
-        .arg("--connect-timeout")
-        .arg("20")
-        .arg("-c")
-        .arg(root.join("etc/ceph/ceph.conf"))
-        .args(args)
-        .env(
-            "CEPH_ARGS",
-            format!(
-                "--keyring {}",
-                root.join("etc/ceph/ceph.client.admin.keyring").display()
-            ),
-        )
-        .output()
-        .unwrap()
+    c.ceph(node, args)
 }
 
 fn ceph_json(c: &Cluster, node: &str, args: &[&str]) -> serde_json::Value {
-    let mut all = args.to_vec();
-    all.extend(["-f", "json"]);
-    let out = ceph(c, node, &all);
-    assert!(
-        out.status.success(),
-        "ceph {args:?} via {node}: {}",
-        text(&out)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    c.ceph_json(node, args)
 }
 
 fn fsid(c: &Cluster, node: &str) -> String {

@@ -2058,31 +2058,6 @@ const DASHBOARD_STEPS: [&str; 4] = [
     "ceph-dashboard-admin",
 ];
 
-/// `ceph` on `node` with its ceph.conf and admin key: its output.
-fn ceph(c: &Cluster, node: &str, args: &[&str]) -> Vec<u8> {
-    let root = c.root(node);
-    let out = Command::new(support::require_tool("ceph", "ceph-common"))
-        .arg("-c")
-        .arg(root.join("etc/ceph/ceph.conf"))
-        .args(args)
-        .env(
-            "CEPH_ARGS",
-            format!(
-                "--keyring {}",
-                root.join("etc/ceph/ceph.client.admin.keyring").display()
-            ),
-        )
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "ceph {args:?}: {}", text(&out));
-    out.stdout
-}
-
-fn ceph_json(c: &Cluster, node: &str, args: &[&str]) -> serde_json::Value {
-    let all: Vec<&str> = args.iter().copied().chain(["-f", "json"]).collect();
-    serde_json::from_slice(&ceph(c, node, &all)).unwrap()
-}
-
 /// `ceph.dashboard: true` on a master that is also the monitor: runs
 /// crashed before and after each dashboard step in turn resume, and the
 /// last run converges on one served dashboard whose password file is the
@@ -2111,7 +2086,7 @@ fn a_master_monitors_dashboard_converges_after_a_crash_at_each_step() {
     }
     run_ok(&c, "cp-1");
     assert_all_done(&c, "cp-1");
-    let services = ceph_json(&c, "cp-1", &["mgr", "services"]);
+    let services = c.ceph_json("cp-1", &["mgr", "services"]);
     let ip = node_ip(&c, "cp-1");
     assert_eq!(
         services["dashboard"],
@@ -2120,8 +2095,7 @@ fn a_master_monitors_dashboard_converges_after_a_crash_at_each_step() {
     );
     let root = c.root("cp-1");
     let password = std::fs::read_to_string(root.join("etc/ceph/dashboard/admin-password")).unwrap();
-    let stored = ceph(
-        &c,
+    let stored = c.ceph(
         "cp-1",
         &[
             "config-key",
@@ -2129,8 +2103,9 @@ fn a_master_monitors_dashboard_converges_after_a_crash_at_each_step() {
             "cluster-agent/ceph-dashboard/admin-password",
         ],
     );
-    assert_eq!(String::from_utf8_lossy(&stored), password);
-    let user = ceph_json(&c, "cp-1", &["dashboard", "ac-user-show", "admin"]);
+    assert!(stored.status.success(), "{}", text(&stored));
+    assert_eq!(String::from_utf8_lossy(&stored.stdout), password);
+    let user = c.ceph_json("cp-1", &["dashboard", "ac-user-show", "admin"]);
     assert_eq!(
         user["roles"],
         serde_json::json!(["administrator"]),

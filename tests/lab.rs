@@ -27,6 +27,23 @@ fn netns_turn() -> std::sync::MutexGuard<'static, ()> {
     TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// `lab up --dir <dir> ARGS` that must succeed (a failed one is taken down
+/// before the test fails), and its stdout.
+fn lab_up_in(dir: &Path, args: &[&str]) -> String {
+    let d = dir.to_str().unwrap();
+    let up = lab(&[&["up", "--dir", d][..], args].concat());
+    if !up.status.success() {
+        lab_down(dir);
+        panic!("{}", text(&up));
+    }
+    String::from_utf8_lossy(&up.stdout).into_owned()
+}
+
+fn lab_down(dir: &Path) {
+    let out = lab(&["down", "--dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
 /// Processes whose command line or environment mention `dir`.
 fn processes_of(dir: &Path) -> Vec<String> {
     let needle = dir.to_string_lossy().into_owned();
@@ -122,29 +139,19 @@ fn a_lab_with_a_floating_endpoint_answers_on_it() {
     let _turn = netns_turn();
     let base = tempfile::tempdir().unwrap();
     let dir = base.path().join("lab");
-    let d = dir.to_str().unwrap();
-    let up = lab(&[
-        "up",
-        "--dir",
-        d,
-        "--netns",
-        "--floating-endpoint",
-        "--masters",
-        "1",
-        "--workers",
-        "1",
-        "--ceph-mons",
-        "0",
-    ]);
-    let down = || {
-        let out = lab(&["down", "--dir", d]);
-        assert!(out.status.success(), "{}", text(&out));
-    };
-    if !up.status.success() {
-        down();
-        panic!("{}", text(&up));
-    }
-    let stdout = String::from_utf8_lossy(&up.stdout);
+    let stdout = lab_up_in(
+        &dir,
+        &[
+            "--netns",
+            "--floating-endpoint",
+            "--masters",
+            "1",
+            "--workers",
+            "1",
+            "--ceph-mons",
+            "0",
+        ],
+    );
     let kubeconfig = stdout
         .lines()
         .last()
@@ -188,7 +195,7 @@ fn a_lab_with_a_floating_endpoint_answers_on_it() {
         .args(["--kubeconfig", &kubeconfig, "get", "--raw", "/readyz"])
         .output()
         .unwrap();
-    down();
+    lab_down(&dir);
     assert!(held, "cp-1 never held {endpoint}");
     assert!(ready.status.success(), "{}", text(&ready));
     assert_eq!(String::from_utf8_lossy(&ready.stdout), "ok");
@@ -240,28 +247,19 @@ fn a_lab_with_the_ceph_dashboard_serves_it_over_tls_from_the_cluster_ca() {
     let _turn = netns_turn();
     let base = tempfile::tempdir().unwrap();
     let dir = base.path().join("lab");
-    let d = dir.to_str().unwrap();
-    let up = lab(&[
-        "up",
-        "--dir",
-        d,
-        "--netns",
-        "--masters",
-        "3",
-        "--workers",
-        "0",
-        "--ceph-mons",
-        "3",
-        "--ceph-dashboard",
-    ]);
-    let down = || {
-        let out = lab(&["down", "--dir", d]);
-        assert!(out.status.success(), "{}", text(&out));
-    };
-    if !up.status.success() {
-        down();
-        panic!("{}", text(&up));
-    }
+    lab_up_in(
+        &dir,
+        &[
+            "--netns",
+            "--masters",
+            "3",
+            "--workers",
+            "0",
+            "--ceph-mons",
+            "3",
+            "--ceph-dashboard",
+        ],
+    );
     let masters = ["cp-1", "cp-2", "cp-3"];
     let in_netns = |node: &str, program: &str| {
         let mut cmd = Command::new("nsenter");
@@ -364,7 +362,7 @@ fn a_lab_with_the_ceph_dashboard_serves_it_over_tls_from_the_cluster_ca() {
         .filter(|p| !p.components().any(|c| c.as_os_str() == "mon"))
         .collect();
     leaked.sort();
-    down();
+    lab_down(&dir);
 
     let url = url.unwrap_or_else(|| panic!("no dashboard in status: {ceph:#}"));
     assert!(masters.contains(&active.as_str()), "{ceph:#}");

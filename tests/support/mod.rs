@@ -318,6 +318,38 @@ impl Cluster {
         .unwrap();
     }
 
+    /// `ceph` as an operator on `node` runs it: its ceph.conf and admin key.
+    pub fn ceph(&self, node: &str, args: &[&str]) -> std::process::Output {
+        let root = self.root(node);
+        Command::new(require_tool("ceph", "ceph-common"))
+            .arg("--connect-timeout")
+            .arg("20")
+            .arg("-c")
+            .arg(root.join("etc/ceph/ceph.conf"))
+            .args(args)
+            .env(
+                "CEPH_ARGS",
+                format!(
+                    "--keyring {}",
+                    root.join("etc/ceph/ceph.client.admin.keyring").display()
+                ),
+            )
+            .output()
+            .unwrap()
+    }
+
+    /// [`Cluster::ceph`] with `-f json`, which must succeed.
+    pub fn ceph_json(&self, node: &str, args: &[&str]) -> serde_json::Value {
+        let all: Vec<&str> = args.iter().copied().chain(["-f", "json"]).collect();
+        let out = self.ceph(node, &all);
+        assert!(
+            out.status.success(),
+            "ceph {args:?} via {node}: {}",
+            text(&out)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// The check `name` of `status --json` on `node`.
     pub fn status_section(&self, node: &str, name: &str) -> serde_json::Value {
         let status = self.run(node, &["status", "--json"]);
