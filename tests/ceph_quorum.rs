@@ -57,14 +57,6 @@ fn quorum_names(status: &serde_json::Value) -> Vec<String> {
     names
 }
 
-fn ceph(c: &Cluster, node: &str, args: &[&str]) -> Output {
-    c.ceph(node, args)
-}
-
-fn ceph_json(c: &Cluster, node: &str, args: &[&str]) -> serde_json::Value {
-    c.ceph_json(node, args)
-}
-
 fn fsid(c: &Cluster, node: &str) -> String {
     let record: serde_json::Value = serde_json::from_slice(
         &std::fs::read(c.state_dir(node).join("ceph-bootstrap.json")).unwrap(),
@@ -77,7 +69,7 @@ fn fsid(c: &Cluster, node: &str) -> String {
 /// every node, every Ceph step done, a manager per node (one active, the
 /// others standby), `HEALTH_OK`.
 fn assert_quorum(c: &Cluster, nodes: &[&str]) {
-    let status = ceph_json(c, nodes[0], &["quorum_status"]);
+    let status = c.ceph_json(nodes[0], &["quorum_status"]);
     assert_eq!(quorum_names(&status), nodes, "{status:#}");
     let monmap: Vec<&str> = status["monmap"]["mons"]
         .as_array()
@@ -109,7 +101,7 @@ fn assert_quorum(c: &Cluster, nodes: &[&str]) {
         }
     }
     for node in nodes {
-        let auth = ceph_json(c, nodes[0], &["auth", "get", &format!("mgr.{node}")]);
+        let auth = c.ceph_json(nodes[0], &["auth", "get", &format!("mgr.{node}")]);
         assert_eq!(
             auth[0]["caps"],
             serde_json::json!({"mds": "allow *", "mon": "allow profile mgr", "osd": "allow *"}),
@@ -123,7 +115,7 @@ fn assert_quorum(c: &Cluster, nodes: &[&str]) {
     // Health settles a moment after quorum; poll, never sleep blindly.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let health = ceph_json(c, nodes[0], &["health"]);
+        let health = c.ceph_json(nodes[0], &["health"]);
         if health["status"] == "HEALTH_OK" {
             break;
         }
@@ -137,7 +129,7 @@ fn assert_quorum(c: &Cluster, nodes: &[&str]) {
 fn wait_for_managers(c: &Cluster, via: &str, count: usize) -> (String, Vec<String>) {
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
-        let map = ceph_json(c, via, &["mgr", "dump"]);
+        let map = c.ceph_json(via, &["mgr", "dump"]);
         let active = map["active_name"].as_str().unwrap_or_default().to_string();
         let standbys: Vec<String> = map["standbys"]
             .as_array()
@@ -161,7 +153,7 @@ fn first_monitor_seeds_a_healthy_cluster() {
     let c = mons(&["m-1"]);
     run_ok(&c, "m-1");
     assert_quorum(&c, &["m-1"]);
-    let s = ceph(&c, "m-1", &["-s"]);
+    let s = c.ceph("m-1", &["-s"]);
     assert!(text(&s).contains("HEALTH_OK"), "{}", text(&s));
 
     // The keys we generated are keys ceph-authtool accepts as its own.
@@ -184,7 +176,7 @@ fn first_monitor_seeds_a_healthy_cluster() {
         assert!(add.status.success(), "{entity}: {}", text(&add));
     }
     // And the cluster authenticates with them: `auth get` as client.admin.
-    let auth = ceph_json(&c, "m-1", &["auth", "get", "client.bootstrap-osd"]);
+    let auth = c.ceph_json("m-1", &["auth", "get", "client.bootstrap-osd"]);
     assert_eq!(auth[0]["entity"], "client.bootstrap-osd", "{auth:#}");
 
     // A second run changes nothing.
@@ -317,7 +309,7 @@ fn monitors_seed_when_the_kubernetes_side_fails() {
         .filter(|(s, _)| s.starts_with("ceph-"))
         .all(|(_, st)| st == "done");
     assert!(ceph_done, "{outcome:?}");
-    let status = ceph_json(&c, "cp-2", &["quorum_status"]);
+    let status = c.ceph_json("cp-2", &["quorum_status"]);
     assert_eq!(quorum_names(&status), ["cp-2"], "{status:#}");
 }
 
@@ -363,7 +355,7 @@ fn a_master_seeds_ceph_while_its_etcd_waits_for_the_first_master() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let status = ceph_json(&c, "cp-2", &["quorum_status"]);
+    let status = c.ceph_json("cp-2", &["quorum_status"]);
     assert_eq!(quorum_names(&status), ["cp-2"], "{status:#}");
     run.kill().unwrap();
     run.wait().unwrap();
@@ -396,12 +388,12 @@ fn reset_leaves_the_monmap_and_run_rejoins() {
     );
     let out = c.run("m-3", &["reset", "--yes"]);
     assert!(out.status.success(), "{}", text(&out));
-    let status = ceph_json(&c, "m-1", &["quorum_status"]);
+    let status = c.ceph_json("m-1", &["quorum_status"]);
     assert_eq!(quorum_names(&status), ["m-1", "m-2"], "{status:#}");
     assert_eq!(status["monmap"]["mons"].as_array().unwrap().len(), 2);
     assert!(!c.root("m-3").join("var/lib/ceph/mon/ceph-m-3").exists());
     assert!(!c.root("m-3").join("var/lib/ceph/mgr/ceph-m-3").exists());
-    let key = ceph(&c, "m-1", &["auth", "get", "mgr.m-3"]);
+    let key = c.ceph("m-1", &["auth", "get", "mgr.m-3"]);
     assert_eq!(key.status.code(), Some(2), "ENOENT: {}", text(&key));
     let (_, standbys) = wait_for_managers(&c, "m-1", 2);
     assert!(!standbys.contains(&"m-3".to_string()), "{standbys:?}");
@@ -415,6 +407,14 @@ fn reset_leaves_the_monmap_and_run_rejoins() {
     let refused = single.run("m-1", &["reset", "--yes"]);
     assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
     assert!(text(&refused).contains("last"), "{}", text(&refused));
+    // Forced past that guard, the monitor stays but its manager goes.
+    let forced = single.run("m-1", &["reset", "--force", "--dry-run"]);
+    assert!(
+        text(&forced).contains("delete Ceph manager m-1's key")
+            && !text(&forced).contains("remove Ceph monitor m-1"),
+        "{}",
+        text(&forced)
+    );
     assert!(
         single
             .root("m-1")
@@ -440,7 +440,7 @@ fn a_standby_manager_takes_over_from_a_lost_active_one() {
     assert_quorum(&c, &nodes);
     assert_healthy_for(&c, "m-1", Duration::from_secs(support::MGR_GRACE + 2));
     // A command only an active manager answers.
-    let balancer = ceph_json(&c, "m-1", &["balancer", "status"]);
+    let balancer = c.ceph_json("m-1", &["balancer", "status"]);
     assert!(balancer.get("mode").is_some(), "{balancer:#}");
 
     let (lost, _) = wait_for_managers(&c, "m-1", 3);
@@ -448,7 +448,7 @@ fn a_standby_manager_takes_over_from_a_lost_active_one() {
     let killed = std::time::Instant::now();
     let deadline = killed + Duration::from_secs(support::MGR_BEACON_GRACE * 4);
     let successor = loop {
-        let map = ceph_json(&c, "m-1", &["mgr", "dump"]);
+        let map = c.ceph_json("m-1", &["mgr", "dump"]);
         let active = map["active_name"].as_str().unwrap_or_default();
         if map["available"] == true && !active.is_empty() && active != lost {
             break active.to_string();
@@ -463,7 +463,7 @@ fn a_standby_manager_takes_over_from_a_lost_active_one() {
         "manager {successor} active {:?} after {lost} was killed",
         killed.elapsed()
     );
-    let balancer = ceph_json(&c, "m-1", &["balancer", "status"]);
+    let balancer = c.ceph_json("m-1", &["balancer", "status"]);
     assert!(balancer.get("mode").is_some(), "{balancer:#}");
     assert_healthy_for(&c, "m-1", Duration::from_secs(support::MGR_GRACE + 2));
 
@@ -481,7 +481,7 @@ fn a_standby_manager_takes_over_from_a_lost_active_one() {
         c.stop_unit(n, &format!("ceph-mgr@{n}.service"));
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(support::MGR_BEACON_GRACE * 4);
-    while ceph_json(&c, "m-1", &["mgr", "dump"])["available"] == true {
+    while c.ceph_json("m-1", &["mgr", "dump"])["available"] == true {
         assert!(
             std::time::Instant::now() < deadline,
             "the monitors still see an active manager"
@@ -508,8 +508,39 @@ fn position(out: &Output, line: &str) -> usize {
 fn assert_healthy_for(c: &Cluster, via: &str, window: Duration) {
     let end = std::time::Instant::now() + window;
     while std::time::Instant::now() < end {
-        let health = ceph_json(c, via, &["health"]);
+        let health = c.ceph_json(via, &["health"]);
         assert_eq!(health["status"], "HEALTH_OK", "{health:#}");
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// A node that has its manager's key but never got the unit (a crash
+/// before `ceph-mgr-config`, or an image without ceph-mgr): reset forgets
+/// the key and stops no unit that is not there.
+#[test]
+fn reset_forgets_a_manager_whose_unit_was_never_installed() {
+    let c = mons(&["m-1", "m-2"]);
+    run_ok(&c, "m-1");
+    let out = spawn_run(&c, "m-2", Some("ceph-mgr-config:before"))
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(SIGABRT),
+        "{}",
+        text(&out)
+    );
+    let dry = c.run("m-2", &["reset", "--dry-run"]);
+    assert!(
+        text(&dry).contains("delete Ceph manager m-2's key")
+            && !text(&dry).contains("stop ceph-mgr@m-2"),
+        "{}",
+        text(&dry)
+    );
+    let reset = c.run("m-2", &["reset", "--yes"]);
+    assert!(reset.status.success(), "{}", text(&reset));
+    let key = c.ceph("m-1", &["auth", "get", "mgr.m-2"]);
+    assert_eq!(key.status.code(), Some(2), "ENOENT: {}", text(&key));
+    run_ok(&c, "m-2");
+    assert_quorum(&c, &["m-1", "m-2"]);
 }

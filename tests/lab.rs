@@ -33,6 +33,7 @@ fn lab_up_in(dir: &Path, args: &[&str]) -> String {
     let d = dir.to_str().unwrap();
     let up = lab(&[&["up", "--dir", d][..], args].concat());
     if !up.status.success() {
+        eprintln!("lab up failed: {}", text(&up));
         lab_down(dir);
         panic!("{}", text(&up));
     }
@@ -402,9 +403,12 @@ fn a_lab_with_the_ceph_dashboard_serves_it_over_tls_from_the_cluster_ca() {
     );
 }
 
-/// Every file under `dir` whose bytes contain `needle`.
+/// Every file under `dir` whose bytes contain `needle` (not empty).
 fn grep_tree(dir: &Path, needle: &str) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
+    if needle.is_empty() {
+        return found;
+    }
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {

@@ -660,6 +660,7 @@ pub async fn mgr_map(
 
 /// Exit codes of the `ceph` CLI: the errno the cluster answered.
 pub const ENOENT: i32 = 2;
+pub const EEXIST: i32 = 17;
 pub const EINVAL: i32 = 22;
 /// A manager command sent while no active manager has loaded the module
 /// (after a fail-over, for a few seconds).

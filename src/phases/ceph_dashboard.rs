@@ -35,13 +35,16 @@ const MODULE: &str = "dashboard";
 /// Where Debian's ceph-mgr-dashboard puts the module.
 const MODULE_DIR: &str = "/usr/share/ceph/mgr/dashboard";
 const PACKAGE: &str = "ceph-mgr-dashboard";
+/// The dashboard's cluster-wide certificate, which a manager without its
+/// own serves.
+const SHARED_CERT: &str = "mgr/dashboard/crt";
 /// The password in the monitors' store; only `client.admin` reads it.
 const PASSWORD_KEY: &str = "cluster-agent/ceph-dashboard/admin-password";
 /// Generated passwords: 24 of 62 characters, 142 bits.
 const PASSWORD_LEN: usize = 24;
 /// The module starts its web server a few seconds after it is enabled.
 const SERVE_WAIT: Duration = Duration::from_secs(120);
-/// A joining monitor waits this long for the seeding one's password.
+/// The other monitors wait this long for the first one's password.
 const PASSWORD_WAIT: Duration = Duration::from_secs(300);
 /// The manager restart owed after its dashboard settings changed.
 const RESTART: super::RestartDue = super::RestartDue("ceph-dashboard-mgr");
@@ -152,8 +155,9 @@ struct Settings;
 #[derive(PartialEq, Eq)]
 enum Stored {
     Current,
-    /// Never set: a manager that runs the dashboard waits for them (it
-    /// looks every few seconds) and needs no restart.
+    /// Never set, nor the cluster-wide certificate: a manager that runs
+    /// the dashboard waits for them (it looks every few seconds) and needs
+    /// no restart.
     Missing,
     /// Set to other values, which a running dashboard has loaded.
     Stale,
@@ -167,7 +171,14 @@ impl Settings {
         let cert = ceph::config_key_get(&conf, &admin, &wanted.names.cert).await?;
         let key = ceph::config_key_get(&conf, &admin, &wanted.names.key).await?;
         let (Some(cert), Some(key)) = (cert, key) else {
-            return Ok(Stored::Missing);
+            // Without its own, a dashboard serves the cluster-wide one
+            // (an operator's `create-self-signed-cert`, say).
+            let shared = ceph::config_key_get(&conf, &admin, SHARED_CERT).await?;
+            return Ok(if shared.is_some() {
+                Stored::Stale
+            } else {
+                Stored::Missing
+            });
         };
         Ok(
             if address == wanted.address
@@ -293,19 +304,22 @@ fn module_installed(dir: &std::path::Path) -> Result<(), StepError> {
 
 struct Admin;
 
-/// Whether the dashboard has its admin account, asked until the module
-/// answers: right after a manager fail-over the new active one has not
-/// loaded it yet (EOPNOTSUPP), and with no active manager the call runs
-/// into its deadline (ETIMEDOUT).
-async fn admin_account_exists(ctx: &Context) -> Result<bool, StepError> {
-    let (conf, admin) = conf_and_admin(ctx);
+/// A dashboard command asked until the module answers: right after a
+/// manager fail-over the new active one has not loaded it yet
+/// (EOPNOTSUPP), and with no active manager the call runs into its
+/// deadline (ETIMEDOUT).
+async fn until_the_module_answers<T, F, Fut>(what: &str, call: F) -> Result<T, StepError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ceph::CephError>>,
+{
     wait::poll_until(
-        "the dashboard module to answer (ceph dashboard ac-user-show)",
+        &format!("the dashboard module to answer ({what})"),
         SERVE_WAIT,
         Backoff::remote(Duration::from_secs(2)),
         || async {
-            match ceph::dashboard_user_exists(&conf, &admin, ADMIN_USER).await {
-                Ok(exists) => Poll::Ready(Ok(exists)),
+            match call().await {
+                Ok(value) => Poll::Ready(Ok(value)),
                 Err(
                     e @ ceph::CephError::Command {
                         code: Some(ceph::EOPNOTSUPP | ceph::ETIMEDOUT),
@@ -317,6 +331,14 @@ async fn admin_account_exists(ctx: &Context) -> Result<bool, StepError> {
         },
     )
     .await?
+}
+
+async fn admin_account_exists(ctx: &Context) -> Result<bool, StepError> {
+    let (conf, admin) = conf_and_admin(ctx);
+    until_the_module_answers("ceph dashboard ac-user-show", || {
+        ceph::dashboard_user_exists(&conf, &admin, ADMIN_USER)
+    })
+    .await
 }
 
 /// The password file holds `password`.
@@ -381,10 +403,22 @@ impl Step for Admin {
         if !file_holds(ctx, &stored)? {
             fsutil::write_atomic(&file, stored.as_bytes(), SECRET_MODE)?;
         }
-        // Every monitor node may create it: they all hold one password.
-        if !admin_account_exists(ctx).await? {
-            ceph::dashboard_user_create(&conf, &admin, ADMIN_USER, &file, ADMIN_ROLE).await?;
-        }
+        // Every monitor node may create it, and they start at once when the
+        // password appears: they all hold the same one, so whoever loses
+        // the race (EEXIST) has what it wanted.
+        until_the_module_answers("ceph dashboard ac-user-create", || async {
+            if ceph::dashboard_user_exists(&conf, &admin, ADMIN_USER).await? {
+                return Ok(());
+            }
+            match ceph::dashboard_user_create(&conf, &admin, ADMIN_USER, &file, ADMIN_ROLE).await {
+                Err(ceph::CephError::Command {
+                    code: Some(ceph::EEXIST),
+                    ..
+                }) => Ok(()),
+                other => other,
+            }
+        })
+        .await?;
         Ok(Outcome::Done)
     }
 }
