@@ -294,6 +294,15 @@ async fn raw() -> (Duration, Duration, Duration) {
         );
     };
 
+    // The `ceph` CLI through the quorum, as the operator's script calls it.
+    let ceph_cli = |args: &[&str], env: &[(&str, String)]| {
+        let all: Vec<&str> = ["--connect-timeout", "10", "-c", conf.as_str()]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        tool("ceph", &all, env);
+    };
+
     let t0 = Instant::now();
     tool(
         "ceph-authtool",
@@ -380,13 +389,8 @@ async fn raw() -> (Duration, Duration, Duration) {
     let first = t0.elapsed();
     let admin_env = [("CEPH_ARGS", format!("--keyring {keyring} {OVERRIDES}"))];
     let mgr_keyring = p("mgr/ceph-r0/keyring");
-    tool(
-        "ceph",
+    ceph_cli(
         &[
-            "--connect-timeout",
-            "10",
-            "-c",
-            &conf,
             "auth",
             "get-or-create",
             "mgr.r0",
@@ -417,18 +421,8 @@ async fn raw() -> (Duration, Duration, Duration) {
     for i in 1..3 {
         let t = Instant::now();
         let current = p(&format!("current-{i}.monmap"));
-        tool(
-            "ceph",
-            &[
-                "--connect-timeout",
-                "10",
-                "-c",
-                &conf,
-                "mon",
-                "getmap",
-                "-o",
-                &current,
-            ],
+        ceph_cli(
+            &["mon", "getmap", "-o", &current],
             // The monitor keyring holds client.admin too.
             &[("CEPH_ARGS", format!("--keyring {keyring}"))],
         );
