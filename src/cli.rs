@@ -84,6 +84,11 @@ pub enum Command {
     /// Render provisioning data from the config dir: Ignition configs, Matchbox data
     #[command(subcommand)]
     Render(RenderCommand),
+    /// The bootstrap machine: serve iPXE scripts, boot assets and each
+    /// machine's Ignition config by MAC (Matchbox's endpoints), and with
+    /// --pxe-interface PXE too, until Ctrl-C or SIGTERM (SIGHUP re-arms
+    /// every node's config)
+    Serve(ServeArgs),
     /// A whole cluster on this machine: nodes as temp roots running the real
     /// agent with real etcd and ceph-mon
     #[command(subcommand)]
@@ -197,6 +202,32 @@ pub struct GenJoinSecretArgs {
     #[arg(long)]
     pub force: bool,
 }
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// HTTP address the machines reach this one by (iPXE scripts, assets,
+    /// Ignition pointers); a concrete IP, not 0.0.0.0
+    #[arg(long)]
+    pub listen: std::net::SocketAddr,
+    /// HTTPS address for the Ignition configs themselves [default: the
+    /// --listen IP, port 8443]
+    #[arg(long)]
+    pub tls_listen: Option<std::net::SocketAddr>,
+    /// Directory served under /assets/ (the kernel and initramfs named by
+    /// cluster.provisioning)
+    #[arg(long)]
+    pub assets: PathBuf,
+    /// Also answer PXE on this interface: dnsmasq as proxy DHCP and TFTP
+    /// (the site's DHCP server keeps handing out addresses)
+    #[arg(long)]
+    pub pxe_interface: Option<String>,
+    /// Where serve keeps its pid file and dnsmasq's config while it runs
+    /// [default: <root>/run/cluster-agent/serve]
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+}
+
+pub const DEFAULT_TLS_PORT: u16 = 8443;
 
 #[derive(Debug, Subcommand)]
 pub enum RenderCommand {

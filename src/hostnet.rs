@@ -88,6 +88,20 @@ pub fn has_address(address: Ipv4Addr) -> Result<bool, HostNetError> {
         .any(|e| carries(&e, address)))
 }
 
+/// The IPv4 networks `interface` is on (address and prefix, as `ip -4
+/// address show` lists them), in this network namespace.
+pub fn ipv4_networks(interface: &str) -> Result<Vec<ipnet::Ipv4Net>, HostNetError> {
+    Ok(nix::ifaddrs::getifaddrs()
+        .map_err(HostNetError::List)?
+        .filter(|e| e.interface_name == interface)
+        .filter_map(|e| {
+            let address = e.address.as_ref()?.as_sockaddr_in()?.ip();
+            let mask = e.netmask.as_ref()?.as_sockaddr_in()?.ip();
+            ipnet::Ipv4Net::with_netmask(address, mask).ok()
+        })
+        .collect())
+}
+
 const RTM_NEWADDR: u16 = 20;
 const RTM_DELADDR: u16 = 21;
 const NLMSG_ERROR: u16 = 2;

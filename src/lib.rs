@@ -12,6 +12,7 @@ pub mod hostnet;
 pub mod identity;
 pub mod join;
 pub mod k8s;
+pub mod listener;
 pub mod notify;
 pub mod paths;
 pub mod phases;

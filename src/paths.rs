@@ -14,8 +14,9 @@ pub const DEFAULT_CONFIG_DIR: &str = "/etc/cluster-config";
 /// Where an image keeps the programs the agent runs (etcd, the Kubernetes
 /// components, containerd), searched in this order under `--root`:
 /// `/opt/bin` (Flatcar's place for added binaries), then `/usr/bin`
-/// (the distribution's, and where systemd-sysext images merge).
-pub const BINARY_DIRS: &[&str] = &["/opt/bin", "/usr/bin"];
+/// (the distribution's, and where systemd-sysext images merge), then
+/// `/usr/sbin` (where Debian puts runc and dnsmasq).
+pub const BINARY_DIRS: &[&str] = &["/opt/bin", "/usr/bin", "/usr/sbin"];
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/cluster-state";
 
 impl HostPaths {

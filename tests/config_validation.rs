@@ -125,6 +125,7 @@ fn valid_full_config_loads_exactly() {
                 cluster_network: "10.10.0.0/24".parse().unwrap(),
                 dashboard: false,
             }),
+            provisioning: Default::default(),
         },
         nodes: vec![
             node(
@@ -170,6 +171,7 @@ fn minimal_config_gets_defaults() {
             // The kubelet's own eviction defaults.
             kubelet: KubeletSettings::default(),
             ceph: None,
+            provisioning: Default::default(),
         },
         nodes: vec![
             node("n1", "n1", "10.0.0.5", &[ControlPlane], &[]),

@@ -10,6 +10,7 @@ mod pod_routes;
 mod render;
 mod reset;
 mod run;
+mod serve;
 mod serve_join;
 mod status;
 mod validate;
@@ -104,6 +105,7 @@ pub async fn dispatch(cli: Cli) -> i32 {
         Command::ApiBalancer => api_balancer::api_balancer(global, &paths).await,
         Command::ApiAddress => api_address::api_address(global, &paths).await,
         Command::Render(command) => render::render(global, &paths, command),
+        Command::Serve(args) => serve::serve(&paths, args).await,
         Command::Lab(command) => lab::lab(command).await,
     };
     match result {

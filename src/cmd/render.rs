@@ -9,7 +9,7 @@ use super::{CliError, EXIT_OK};
 
 /// An invalid configuration or a missing secret is the operator's to fix
 /// (exit 2); only a failed write is a runtime failure.
-fn cli_error(e: ProvisionError) -> CliError {
+pub(super) fn cli_error(e: ProvisionError) -> CliError {
     match e {
         ProvisionError::Config(e) => CliError::Config(e),
         ProvisionError::Write(e) => CliError::Failed(crate::error_chain(&e)),

@@ -9,7 +9,7 @@ mod load;
 mod raw;
 mod tree;
 mod validate;
-mod values;
+pub mod values;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -60,6 +60,27 @@ pub struct ClusterSettings {
     /// `None` when cluster.yaml has no `ceph:` section (then no node may carry
     /// the ceph-mon role).
     pub ceph: Option<CephSettings>,
+    pub provisioning: ProvisioningSettings,
+}
+
+/// Flatcar's PXE images as `serve` finds them in its assets directory.
+pub const DEFAULT_PXE_KERNEL: &str = "flatcar_production_pxe.vmlinuz";
+pub const DEFAULT_PXE_INITRD: &str = "flatcar_production_pxe_image.cpio.gz";
+
+/// What `serve` boots the machines with: files in its assets directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvisioningSettings {
+    pub kernel: String,
+    pub initrd: String,
+}
+
+impl Default for ProvisioningSettings {
+    fn default() -> ProvisioningSettings {
+        ProvisioningSettings {
+            kernel: DEFAULT_PXE_KERNEL.to_string(),
+            initrd: DEFAULT_PXE_INITRD.to_string(),
+        }
+    }
 }
 
 /// `host:port`; host is an IPv4 address or a DNS name.

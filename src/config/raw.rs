@@ -25,6 +25,7 @@ pub const CLUSTER_KEYS: &[&str] = &[
     "containerd",
     "kubelet",
     "ceph",
+    "provisioning",
 ];
 pub const NETWORKING_KEYS: &[&str] = &[
     "pod_cidr",
@@ -53,6 +54,7 @@ pub const EVICTION_SIGNALS: &[&str] = &[
     "allocatableMemory.available",
     "pid.available",
 ];
+pub const PROVISIONING_KEYS: &[&str] = &["kernel", "initrd"];
 pub const CEPH_KEYS: &[&str] = &["public_network", "cluster_network", "dashboard"];
 pub const NODE_KEYS: &[&str] = &["name", "hostname", "ip", "roles", "mac_addresses"];
 pub const NODE_FILE_ROOT_KEYS: &[&str] = &["node"];
@@ -154,6 +156,7 @@ pub struct RawCluster {
     pub containerd: Option<RawContainerd>,
     pub kubelet: Option<RawKubelet>,
     pub ceph: Option<RawCeph>,
+    pub provisioning: Option<RawProvisioning>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -194,6 +197,12 @@ pub struct RawContainerd {
 pub struct RawKubelet {
     /// `(signal, threshold)`, in the order of [`EVICTION_SIGNALS`].
     pub eviction_hard: Vec<(String, Val)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawProvisioning {
+    pub kernel: Option<Val>,
+    pub initrd: Option<Val>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -491,6 +500,12 @@ impl Walker<'_> {
             dashboard: self.scalar_field(&c, "dashboard"),
             loc: c.loc,
         });
+        let provisioning = self
+            .sub_map(&f, "provisioning", PROVISIONING_KEYS)
+            .map(|p| RawProvisioning {
+                kernel: self.scalar_field(&p, "kernel"),
+                initrd: self.scalar_field(&p, "initrd"),
+            });
         Some(RawCluster {
             name: self.required_scalar(&f, "name"),
             k8s_version: self.scalar_field(&f, "k8s_version"),
@@ -502,6 +517,7 @@ impl Walker<'_> {
             containerd,
             kubelet,
             ceph,
+            provisioning,
             loc: f.loc,
         })
     }

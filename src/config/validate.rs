@@ -177,6 +177,7 @@ struct PartialSettings {
     containerd: ContainerdSettings,
     kubelet: super::KubeletSettings,
     ceph: Option<CephSettings>,
+    provisioning: super::ProvisioningSettings,
     /// Where pod_cidr was set; `None` for the default.
     pod_cidr_loc: Option<Loc>,
     /// `networking.cni.manifest`, where it was written.
@@ -217,6 +218,7 @@ impl PartialSettings {
             containerd: self.containerd,
             kubelet: self.kubelet,
             ceph: self.ceph,
+            provisioning: self.provisioning,
         })
     }
 }
@@ -515,6 +517,18 @@ impl Validator<'_> {
             })
         });
 
+        let provisioning = raw.provisioning.as_ref();
+        let (kernel, _) = self.setting(
+            provisioning.and_then(|p| p.kernel.as_ref()),
+            super::DEFAULT_PXE_KERNEL.to_string(),
+            |v| values::asset_path(&v.text),
+        );
+        let (initrd, _) = self.setting(
+            provisioning.and_then(|p| p.initrd.as_ref()),
+            super::DEFAULT_PXE_INITRD.to_string(),
+            |v| values::asset_path(&v.text),
+        );
+
         PartialSettings {
             name: name.map(|n| n.value),
             k8s_version,
@@ -542,6 +556,7 @@ impl Validator<'_> {
             containerd: ContainerdSettings { sandbox_image },
             kubelet: super::KubeletSettings { eviction_hard },
             ceph,
+            provisioning: super::ProvisioningSettings { kernel, initrd },
             pod_cidr_loc: pod_loc,
             cni_manifest,
         }

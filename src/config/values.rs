@@ -343,7 +343,6 @@ fn path_component(c: &str) -> bool {
     true
 }
 
-/// `host` or `host:port`, host an IPv4 address or DNS name.
 /// A manifest file relative to the config dir: `.yaml` or `.yml`, no
 /// absolute path, no `..`, and not under `manifests/` (whose files are
 /// applied anyway).
@@ -367,6 +366,27 @@ pub fn manifest_path(text: &str) -> Result<std::path::PathBuf, String> {
     Ok(path.to_path_buf())
 }
 
+/// A file in `serve`'s assets directory: a relative path of plain
+/// components (`flatcar/current/flatcar_production_pxe.vmlinuz`), nothing
+/// that could leave the directory or that a URL would have to encode.
+pub fn asset_path(text: &str) -> Result<String, String> {
+    let plain = |c: &str| {
+        !c.is_empty()
+            && c != "."
+            && c != ".."
+            && c.chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "._-+~".contains(ch))
+    };
+    if text.split('/').all(plain) {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "{text:?} is not a file inside the assets directory: a relative path of letters, digits and . _ - + ~, without `..` (e.g. flatcar_production_pxe.vmlinuz)"
+        ))
+    }
+}
+
+/// `host` or `host:port`, host an IPv4 address or DNS name.
 pub fn endpoint(text: &str, default_port: u16) -> Result<Endpoint, String> {
     let (host, port) = match text.rsplit_once(':') {
         Some((host, port)) => (host, port_in_endpoint(text, port)?),

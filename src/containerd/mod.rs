@@ -25,7 +25,7 @@ pub const CONTAINERD: &str = "containerd";
 pub const SHIM: &str = "containerd-shim-runc-v2";
 pub const RUNC: &str = "runc";
 /// The programs this module's phase needs, looked up with
-/// [`HostPaths::find_binary`] (runc also where Debian puts it, [`runc`]).
+/// [`HostPaths::find_binary`].
 pub const BINARIES: [&str; 3] = [CONTAINERD, SHIM, RUNC];
 
 pub const CONFIG_FILE: &str = "/etc/containerd/config.toml";
@@ -54,9 +54,6 @@ pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
 /// (picking "the first that exists" would change the config, and restart
 /// containerd, on the next run).
 pub const CNI_BIN_DIRS: [&str; 2] = ["/opt/cni/bin", "/usr/lib/cni"];
-/// Debian's runc package installs `/usr/sbin/runc`, outside
-/// [`crate::paths::BINARY_DIRS`]; Flatcar's is `/usr/bin/runc`.
-const RUNC_DEBIAN: &str = "/usr/sbin/runc";
 /// `OVERLAYFS_SUPER_MAGIC` from `<linux/magic.h>`.
 const OVERLAYFS_MAGIC: i64 = 0x794c_7630;
 
@@ -192,30 +189,11 @@ pub fn snapshotter(paths: &HostPaths) -> std::io::Result<Snapshotter> {
     Ok(Snapshotter::for_filesystem(fs.filesystem_type().0 as i64))
 }
 
-/// runc: [`HostPaths::find_binary`], else Debian's `/usr/sbin/runc`.
-pub fn runc(paths: &HostPaths) -> Option<PathBuf> {
-    paths
-        .find_binary(RUNC)
-        .or_else(|| Some(paths.host(RUNC_DEBIAN)).filter(|p| p.is_file()))
-}
-
-/// Where `name` is, or where the image should have put it (units and the
-/// config are rendered before the image is known to be complete).
-pub fn binary(paths: &HostPaths, name: &str) -> PathBuf {
-    match name {
-        RUNC => runc(paths).unwrap_or_else(|| paths.binary(RUNC)),
-        _ => paths.binary(name),
-    }
-}
-
 /// The binaries of [`BINARIES`] that are missing.
 pub fn missing_binaries(paths: &HostPaths) -> Vec<&'static str> {
     BINARIES
         .into_iter()
-        .filter(|name| match *name {
-            RUNC => runc(paths).is_none(),
-            _ => paths.find_binary(name).is_none(),
-        })
+        .filter(|name| paths.find_binary(name).is_none())
         .collect()
 }
 
@@ -268,8 +246,8 @@ impl ConfigInputs {
             cdi_dirs: CDI_DIRS.iter().map(|d| paths.host(d)).collect(),
             cni_conf_dir: paths.host(CNI_CONF_DIR),
             cni_bin_dirs: CNI_BIN_DIRS.iter().map(|d| paths.host(d)).collect(),
-            shim: binary(paths, SHIM),
-            runc: binary(paths, RUNC),
+            shim: paths.binary(SHIM),
+            runc: paths.binary(RUNC),
             cgroup_driver: cgroup_driver(paths),
             snapshotter: snapshotter(paths)?,
             sandbox_image: config.cluster.containerd.sandbox_image.to_string(),
@@ -574,17 +552,17 @@ mod tests {
     fn runc_is_found_where_flatcar_or_debian_put_it() {
         let dir = tempfile::tempdir().unwrap();
         let paths = HostPaths::new(dir.path(), None, None);
-        assert_eq!(runc(&paths), None);
+        assert_eq!(paths.find_binary(RUNC), None);
         assert_eq!(missing_binaries(&paths), BINARIES);
         let debian = dir.path().join("usr/sbin/runc");
         std::fs::create_dir_all(debian.parent().unwrap()).unwrap();
         std::fs::write(&debian, "").unwrap();
-        assert_eq!(runc(&paths), Some(debian));
+        assert_eq!(paths.find_binary(RUNC), Some(debian));
         assert_eq!(missing_binaries(&paths), [CONTAINERD, SHIM]);
         let flatcar = dir.path().join("usr/bin/runc");
         std::fs::create_dir_all(flatcar.parent().unwrap()).unwrap();
         std::fs::write(&flatcar, "").unwrap();
-        assert_eq!(runc(&paths), Some(flatcar));
+        assert_eq!(paths.find_binary(RUNC), Some(flatcar));
     }
 
     #[test]

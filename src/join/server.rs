@@ -24,7 +24,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use super::keys::{Exporter, Nonce, ProofFields};
@@ -226,32 +225,11 @@ impl JoinServer {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
-        tokio::pin!(shutdown);
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = &mut shutdown => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        // EMFILE and friends: back off a little instead of
-                        // spinning on a listener that cannot accept.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, "too many connections; closing this one");
-                continue;
-            };
-            let server = self.clone();
-            tokio::spawn(async move {
-                server.connection(stream, peer).await;
-                drop(slot);
-            });
-        }
+        let max = self.limits.max_connections;
+        crate::listener::accept_until(listener, max, shutdown, |stream, peer| {
+            self.clone().connection(stream, peer)
+        })
+        .await;
     }
 
     async fn connection(self: Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {

@@ -70,7 +70,7 @@ pub fn phase() -> Phase {
 /// and containers then inherit the default 1024 rather than infinity.
 pub fn render_unit(paths: &HostPaths) -> Unit {
     let exec_start = vec![
-        file(&containerd::binary(paths, CONTAINERD)),
+        file(&paths.binary(CONTAINERD)),
         "--config".into(),
         file(&paths.host(containerd::CONFIG_FILE)),
     ];
@@ -155,7 +155,7 @@ impl Step for Binaries {
         if !containerd::missing_binaries(&ctx.paths).is_empty() {
             return Ok(false);
         }
-        Ok(major_version(&containerd::binary(&ctx.paths, CONTAINERD)).await? >= 2)
+        Ok(major_version(&ctx.paths.binary(CONTAINERD)).await? >= 2)
     }
     async fn apply(&self, ctx: &Context) -> Result<Outcome, StepError> {
         let missing = containerd::missing_binaries(&ctx.paths);
@@ -181,7 +181,7 @@ impl Step for Binaries {
                 }
             )));
         }
-        let binary = containerd::binary(&ctx.paths, CONTAINERD);
+        let binary = ctx.paths.binary(CONTAINERD);
         let major = major_version(&binary).await?;
         if major < 2 {
             return Err(StepError::Precondition(format!(

@@ -129,6 +129,49 @@ fn ceph_dashboard_profile(node: &NodeSpec) -> cert::LeafProfile {
     }
 }
 
+/// A CA and a server certificate it signed, made in memory for one run of
+/// a server whose clients learn the CA out of band (the bootstrap machine's
+/// Ignition pointer names it) and never written anywhere: nothing to
+/// protect, rotate or clean up once the run ends.
+pub struct EphemeralServing {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    /// PKCS#8 DER.
+    pub key_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for EphemeralServing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EphemeralServing")
+            .field("key_der", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+pub fn ephemeral_serving(
+    common_name: &str,
+    sans: std::collections::BTreeSet<San>,
+    validity: Duration,
+) -> Result<EphemeralServing, PkiError> {
+    let now = OffsetDateTime::now_utc();
+    let ca_key = cert::generate_key(common_name)?;
+    let ca_pem = cert::self_signed_ca(&format!("{common_name} CA"), &ca_key, now, validity)?;
+    let key = cert::generate_key(common_name)?;
+    let profile = cert::LeafProfile {
+        common_name: common_name.to_string(),
+        organizations: vec![],
+        sans,
+        server_auth: true,
+        client_auth: false,
+    };
+    let cert_pem = cert::issue_leaf(&profile, &key, &ca_pem, &ca_key, now, validity)?;
+    Ok(EphemeralServing {
+        ca_pem,
+        cert_pem,
+        key_der: key.serialize_der(),
+    })
+}
+
 /// Reads the shared CA material for shipping to a joining control-plane
 /// node; checks it first so that nothing unusable is sent.
 pub fn read_shared_ca_bundle(paths: &HostPaths) -> Result<CaBundle, PkiError> {

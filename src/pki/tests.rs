@@ -63,6 +63,7 @@ fn cluster() -> ClusterConfig {
             },
             kubelet: Default::default(),
             ceph: None,
+            provisioning: Default::default(),
         },
         nodes: vec![
             node("m1", [192, 168, 1, 11], &cp),

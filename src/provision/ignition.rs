@@ -238,8 +238,86 @@ pub fn render(
     }
 }
 
+/// What `serve` answers over plain HTTP instead of a node's config: no
+/// secret, only where Ignition fetches the real config over HTTPS, which
+/// CA that server's certificate chains to, and the config's SHA-512, so a
+/// node accepts nothing else (Ignition's `config.replace`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointerConfig {
+    pub ignition: PointerIgnition,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointerIgnition {
+    pub version: String,
+    pub config: ConfigReferences,
+    pub security: Security,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigReferences {
+    pub replace: VerifiedResource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifiedResource {
+    pub source: String,
+    pub verification: Verification,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verification {
+    /// `sha512-<hex>`, the form Ignition checks.
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Security {
+    pub tls: Tls,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    #[serde(rename = "certificateAuthorities")]
+    pub certificate_authorities: Vec<Resource>,
+}
+
+/// A pointer to `config` (the exact bytes a node gets) at `https_url`,
+/// served with a certificate that chains to `ca_pem`.
+pub fn pointer(https_url: &str, config: &[u8], ca_pem: &str) -> PointerConfig {
+    let digest = ring::digest::digest(&ring::digest::SHA512, config);
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    PointerConfig {
+        ignition: PointerIgnition {
+            version: SPEC_VERSION.to_string(),
+            config: ConfigReferences {
+                replace: VerifiedResource {
+                    source: https_url.to_string(),
+                    verification: Verification {
+                        hash: format!("sha512-{hex}"),
+                    },
+                },
+            },
+            security: Security {
+                tls: Tls {
+                    certificate_authorities: vec![Resource {
+                        source: data_url(ca_pem.as_bytes()),
+                    }],
+                },
+            },
+        },
+    }
+}
+
 /// Pretty JSON with a trailing newline, as written to files and stdout.
-pub fn to_json(config: &Config) -> String {
+pub fn to_json(config: &impl Serialize) -> String {
     let mut text = serde_json::to_string_pretty(config).expect("an Ignition config serialises");
     text.push('\n');
     text

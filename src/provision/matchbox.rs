@@ -5,7 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ClusterConfig, MacAddr, NodeSpec};
+use super::ipxe::mac_hyphens;
+use crate::config::{ClusterConfig, NodeSpec};
 
 /// Where Matchbox's `get-flatcar` script puts a release under `-assets-path`.
 pub const DEFAULT_KERNEL: &str = "/assets/flatcar/current/flatcar_production_pxe.vmlinuz";
@@ -97,11 +98,6 @@ pub fn ignition_id(node: &NodeSpec) -> String {
     format!("{}.ign", node.name)
 }
 
-/// `52-54-00-aa-bb-01`: a MAC as it may appear in a file name.
-fn mac_hyphens(mac: &MacAddr) -> String {
-    mac.to_string().replace(':', "-")
-}
-
 pub fn profile(config: &ClusterConfig, node: &NodeSpec, source: &BootSource) -> Profile {
     let initrd_name = source.initrd.rsplit('/').next().unwrap_or(&source.initrd);
     Profile {
@@ -113,19 +109,12 @@ pub fn profile(config: &ClusterConfig, node: &NodeSpec, source: &BootSource) -> 
         boot: Boot {
             kernel: source.kernel.clone(),
             initrd: vec![source.initrd.clone()],
-            args: vec![
-                // UEFI iPXE hands the kernel its initrd by this name.
-                format!("initrd={initrd_name}"),
-                // iPXE expands ${mac:hexhyp}; Matchbox matches it against
-                // the group's selector.
-                format!(
-                    "ignition.config.url={}/ignition?mac=${{mac:hexhyp}}",
-                    source.matchbox_url
-                ),
-                "flatcar.first_boot=yes".to_string(),
-                "console=tty0".to_string(),
-                "console=ttyS0,115200n8".to_string(),
-            ],
+            // iPXE expands ${mac:hexhyp}; Matchbox matches it against the
+            // group's selector.
+            args: super::ipxe::kernel_args(
+                initrd_name,
+                &format!("{}/ignition?mac=${{mac:hexhyp}}", source.matchbox_url),
+            ),
         },
         ignition_id: ignition_id(node),
     }

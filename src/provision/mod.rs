@@ -2,8 +2,11 @@
 //! configs and the Matchbox data that PXE-boots Flatcar with them. Rendered
 //! on the operator's machine from the same config dir the nodes get.
 
+pub mod dnsmasq;
 pub mod ignition;
+pub mod ipxe;
 pub mod matchbox;
+pub mod serve;
 
 use std::path::{Path, PathBuf};
 
