@@ -1,14 +1,17 @@
 //! `render ignition` and `render matchbox` through the real binary: every
 //! Ignition config generated for the example configuration and for every
-//! valid fixture validates against the official Ignition 3.4 schema
-//! (`../shared/schemas/ignition-v3.4.json`, draft-04), declares no key the
-//! schema does not know, and carries the files a node needs to find itself.
+//! valid fixture passes the real `ignition-validate` with no error and no
+//! warning, and carries the files a node needs to find itself; every
+//! `ignition-snippets/*.bu`, translated by the real `butane --strict`,
+//! installs exactly what `render ignition` emits. Both tools are built by
+//! `.ci/setup` from the pinned modules in tools/kube-bins/{ignition,butane}.
 
 mod support;
 
+use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output, Stdio};
 
 use base64::Engine as _;
 use serde_json::Value;
@@ -17,108 +20,13 @@ use cluster_agent::config;
 use cluster_agent::paths::HostPaths;
 use cluster_agent::phases::node::render_network;
 use cluster_agent::provision::ignition;
-use support::{AGENT, copy_tree, text};
+use support::ignition::Validator;
+use support::{AGENT, built_binary, copy_tree, require_tool, text};
 
 const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn schema() -> Value {
-    let path = repo().join("../shared/schemas/ignition-v3.4.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "cannot read the Ignition schema {}: {e}; the project's shared files must sit \
-             next to the repository (../shared, see ../shared/README.md)",
-            path.display()
-        )
-    });
-    serde_json::from_str(&text).expect("the Ignition schema is JSON")
-}
-
-struct Checker {
-    schema: Value,
-    validator: jsonschema::Validator,
-}
-
-impl Checker {
-    fn new() -> Checker {
-        let schema = schema();
-        assert_eq!(
-            schema["$schema"], "http://json-schema.org/draft-04/schema#",
-            "expected the draft-04 Ignition schema"
-        );
-        let validator = jsonschema::draft4::new(&schema).expect("the Ignition schema compiles");
-        Checker { schema, validator }
-    }
-
-    /// Every problem with `config`: schema violations, then keys the
-    /// schema does not declare. (The official schema allows additional
-    /// properties, and Ignition rejects unknown keys, so a misspelled key
-    /// would otherwise pass.)
-    fn problems(&self, config: &Value) -> Vec<String> {
-        let mut problems: Vec<String> = self
-            .validator
-            .iter_errors(config)
-            .map(|e| format!("{}: {e}", e.instance_path()))
-            .collect();
-        undeclared_keys(&self.schema, &self.schema, config, "", &mut problems);
-        problems
-    }
-
-    fn assert_valid(&self, what: &str, config: &Value) {
-        let problems = self.problems(config);
-        assert!(problems.is_empty(), "{what}:\n{}", problems.join("\n"));
-        assert_eq!(config["ignition"]["version"], "3.4.0", "{what}");
-    }
-}
-
-/// Follows `$ref`s (`#/definitions/...`) within the schema.
-fn resolve<'s>(root: &'s Value, mut schema: &'s Value) -> &'s Value {
-    while let Some(pointer) = schema.get("$ref").and_then(Value::as_str) {
-        schema = root
-            .pointer(pointer.trim_start_matches('#'))
-            .unwrap_or_else(|| panic!("unresolvable $ref {pointer}"));
-    }
-    schema
-}
-
-/// The subschemas an instance must satisfy together (`allOf` flattened).
-fn parts<'s>(root: &'s Value, schema: &'s Value) -> Vec<&'s Value> {
-    let schema = resolve(root, schema);
-    let mut out = vec![schema];
-    if let Some(all) = schema.get("allOf").and_then(Value::as_array) {
-        out.extend(all.iter().flat_map(|s| parts(root, s)));
-    }
-    out
-}
-
-fn undeclared_keys(root: &Value, schema: &Value, value: &Value, at: &str, out: &mut Vec<String>) {
-    let parts = parts(root, schema);
-    match value {
-        Value::Object(map) => {
-            for (key, child) in map {
-                let declared = parts
-                    .iter()
-                    .find_map(|p| p.get("properties").and_then(|props| props.get(key)));
-                match declared {
-                    Some(child_schema) => {
-                        undeclared_keys(root, child_schema, child, &format!("{at}/{key}"), out)
-                    }
-                    None => out.push(format!("{at}/{key}: not a key of Ignition spec 3.4")),
-                }
-            }
-        }
-        Value::Array(items) => {
-            if let Some(item_schema) = parts.iter().find_map(|p| p.get("items")) {
-                for (i, item) in items.iter().enumerate() {
-                    undeclared_keys(root, item_schema, item, &format!("{at}/{i}"), out);
-                }
-            }
-        }
-        _ => {}
-    }
 }
 
 /// The example configuration and every fixture that loads, each copied
@@ -197,8 +105,8 @@ fn mode(path: &Path) -> u32 {
 }
 
 #[test]
-fn every_generated_config_validates_against_the_schema() {
-    let checker = Checker::new();
+fn every_generated_config_passes_ignition_validate() {
+    let validator = Validator::new();
     let dirs = valid_config_dirs();
     assert!(dirs.len() >= 6, "too few valid configurations");
     let mut validated = 0;
@@ -208,7 +116,8 @@ fn every_generated_config_validates_against_the_schema() {
         for node in &config::load(dir.path()).unwrap().nodes {
             let path = out.path().join(format!("{}.ign", node.name));
             assert_eq!(mode(&path), 0o600, "{}", path.display());
-            checker.assert_valid(&format!("{name}: {}", node.name), &read_json(&path));
+            let what = format!("{name}: {}", node.name);
+            validator.assert_valid(&what, &std::fs::read(&path).unwrap());
             validated += 1;
         }
     }
@@ -399,35 +308,62 @@ fn missing_join_secret_unknown_node_or_no_node_are_usage_errors() {
     assert!(bad.stdout.is_empty(), "no partial config on stdout");
 }
 
-/// Proof that the checks check: each broken variant of a valid config is
-/// rejected, with the offending place named.
+/// What `serve` hands a node: over HTTPS its config (the bytes `render`
+/// writes), over plain HTTP a pointer to that config (`ignition::pointer`,
+/// the HTTPS address, the serving CA and the config's SHA-512). Both pass.
+#[test]
+fn what_serve_hands_out_passes_ignition_validate() {
+    let validator = Validator::new();
+    let (_, dir) = valid_config_dirs().remove(0);
+    let bundle = cluster_agent::provision::Bundle::load(dir.path()).unwrap();
+    let ca = rcgen::generate_simple_self_signed(vec!["cluster-agent serve".to_string()]).unwrap();
+    let ca_pem = ca.cert.pem();
+    for node in &bundle.config.nodes {
+        let config = ignition::to_json(&bundle.ignition(node));
+        validator.assert_valid(&node.name, config.as_bytes());
+        let url = format!(
+            "https://192.168.1.5:8443/ignition?mac={}",
+            node.mac_addresses[0].to_string().replace(':', "-")
+        );
+        let pointer = ignition::to_json(&ignition::pointer(&url, config.as_bytes(), &ca_pem));
+        validator.assert_valid(&format!("{}: the pointer", node.name), pointer.as_bytes());
+    }
+}
+
+/// Proof that the judge judges: each broken variant of a valid config is
+/// reported, naming what is wrong, whether ignition-validate calls it an
+/// error (exit 1) or only warns (exit 0, which still fails a config here).
 #[test]
 fn broken_configs_are_rejected() {
-    let checker = Checker::new();
+    let validator = Validator::new();
     let (_, dir) = valid_config_dirs().remove(0);
     let out = tempfile::tempdir().unwrap();
     render_all(dir.path(), out.path());
     let good = read_json(&out.path().join("cp-1.ign"));
-    checker.assert_valid("unbroken", &good);
+    validator.assert_valid("unbroken", &serde_json::to_vec(&good).unwrap());
 
-    type Breakage = (&'static str, fn(&mut Value), &'static str);
-    let breakages: [Breakage; 5] = [
+    // (what, the breakage, ignition-validate exits 0, what it says)
+    type Breakage = (&'static str, fn(&mut Value), bool, &'static str);
+    let breakages: [Breakage; 8] = [
         (
             "mode as an octal string",
             |c| c["storage"]["files"][0]["mode"] = "0644".into(),
-            "/storage/files/0/mode",
+            false,
+            "mode of type int",
         ),
         (
             "no ignition version",
             |c| {
                 c["ignition"].as_object_mut().unwrap().remove("version");
             },
-            "version",
+            false,
+            "invalid config version",
         ),
         (
             "units as an object",
             |c| c["systemd"]["units"] = serde_json::json!({"name": "x"}),
-            "/systemd/units",
+            false,
+            "Go struct field Systemd.systemd.units",
         ),
         (
             "a file without a path",
@@ -437,29 +373,57 @@ fn broken_configs_are_rejected() {
                     .unwrap()
                     .remove("path");
             },
-            "path",
+            false,
+            "$.storage.files.1.path",
         ),
         (
-            "a misspelled key",
+            "a relative path",
+            |c| c["storage"]["files"][1]["path"] = "etc/hostname".into(),
+            false,
+            "path not absolute",
+        ),
+        (
+            "contents that are no data URL",
+            |c| c["storage"]["files"][0]["contents"]["source"] = "data:;base64,%%".into(),
+            false,
+            "$.storage.files.0.contents.source",
+        ),
+        (
+            "a unit that does not parse",
+            |c| c["systemd"]["units"][0]["contents"] = "[Service]\nExecStart\n".into(),
+            false,
+            "$.systemd.units.0.contents",
+        ),
+        (
+            "a misspelled key, only a warning to ignition-validate",
             |c| {
                 let f = c["storage"]["files"][0].as_object_mut().unwrap();
                 let v = f.remove("overwrite").unwrap();
                 f.insert("overWrite".into(), v);
             },
-            "/storage/files/0/overWrite: not a key",
+            true,
+            "warning at $.storage.files.0.overWrite",
         ),
     ];
-    for (what, breaks, expected) in breakages {
+    for (what, breaks, exits_zero, expected) in breakages {
         let mut broken = good.clone();
         breaks(&mut broken);
-        let problems = checker.problems(&broken).join("\n");
-        assert!(problems.contains(expected), "{what}: {problems:?}");
+        let broken = serde_json::to_vec(&broken).unwrap();
+        let judged = validator.judge(&broken);
+        assert_eq!(
+            judged.status.success(),
+            exits_zero,
+            "{what}: {}",
+            text(&judged)
+        );
+        let problems = validator.problems(&broken);
+        assert!(problems.contains(expected), "{what}: {problems}");
     }
 }
 
 #[test]
 fn matchbox_data_dir_selects_each_mac_and_serves_each_node_its_config() {
-    let checker = Checker::new();
+    let validator = Validator::new();
     let (_, dir) = valid_config_dirs().remove(0);
     let loaded = config::load(dir.path()).unwrap();
     let out = tempfile::tempdir().unwrap();
@@ -484,14 +448,14 @@ fn matchbox_data_dir_selects_each_mac_and_serves_each_node_its_config() {
         assert_eq!(ignition_id, format!("{}.ign", node.name));
         let ign_path = data.join("ignition").join(ignition_id);
         assert_eq!(mode(&ign_path), 0o600);
-        checker.assert_valid(&node.name, &read_json(&ign_path));
+        validator.assert_valid(&node.name, &std::fs::read(&ign_path).unwrap());
         let args: Vec<&str> = profile["boot"]["args"]
             .as_array()
             .unwrap()
             .iter()
             .map(|a| a.as_str().unwrap())
             .collect();
-        assert!(args.contains(&"flatcar.first_boot=yes"), "{args:?}");
+        assert!(args.contains(&"flatcar.first_boot=1"), "{args:?}");
         assert!(
             args.contains(
                 &"ignition.config.url=https://matchbox.example.net:8443/ignition?mac=${mac:hexhyp}"
@@ -567,89 +531,140 @@ fn matchbox_refuses_plain_http_and_nodes_without_macs() {
     assert!(!data.exists());
 }
 
-/// `ignition-snippets/cluster-agent.bu` is the Butane form of what `render
-/// ignition --node cp-1` emits for docs/example: same directories, same
-/// files with the same modes and bytes (`local:` read from the config dir),
-/// same units. Any drift between the two fails here.
+/// The bytes a file's `contents` makes Ignition write: its data URL decoded
+/// (base64 or percent-encoded), then gunzipped when `compression` says so.
+fn written_bytes(contents: &Value) -> Vec<u8> {
+    let source = contents["source"].as_str().expect("contents.source");
+    let (header, data) = source
+        .strip_prefix("data:")
+        .and_then(|rest| rest.split_once(','))
+        .unwrap_or_else(|| panic!("not a data URL: {source}"));
+    let raw = if header.ends_with(";base64") {
+        base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .unwrap_or_else(|e| panic!("{source}: {e}"))
+    } else {
+        percent_decode(data)
+    };
+    match contents.get("compression").and_then(Value::as_str) {
+        None | Some("") => raw,
+        Some("gzip") => {
+            let mut gzip = Command::new(require_tool("gzip", "gzip"))
+                .arg("-dc")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            gzip.stdin.take().unwrap().write_all(&raw).unwrap();
+            let out = gzip.wait_with_output().unwrap();
+            assert!(out.status.success(), "gunzip {source}");
+            out.stdout
+        }
+        Some(other) => panic!("compression {other:?} is not Ignition's"),
+    }
+}
+
+fn percent_decode(data: &str) -> Vec<u8> {
+    let bytes = data.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+            out.push(u8::from_str_radix(hex, 16).unwrap_or_else(|e| panic!("%{hex}: {e}")));
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// A config as a node would end up with it: each file's `contents`
+/// (source and compression) replaced by the text or bytes written; every
+/// other key kept as it is. Two configs that install the same thing are
+/// then equal, however each encodes its files.
+fn installed(config: &Value) -> Value {
+    let mut config = config.clone();
+    if let Some(files) = config["storage"]["files"].as_array_mut() {
+        for file in files {
+            let contents = file["contents"].as_object_mut().expect("a file's contents");
+            let bytes = written_bytes(&Value::Object(contents.clone()));
+            contents.remove("source");
+            contents.remove("compression");
+            let written = match String::from_utf8(bytes) {
+                Ok(text) => serde_json::json!({ "text": text }),
+                Err(e) => serde_json::json!({
+                    "base64": base64::engine::general_purpose::STANDARD.encode(e.into_bytes())
+                }),
+            };
+            contents.insert("written".into(), written);
+        }
+    }
+    config
+}
+
+/// Every `ignition-snippets/*.bu` is the Butane form of what `render
+/// ignition` emits for docs/example, for the node whose node-identity it
+/// installs. The real `butane --strict` (which fails on any warning)
+/// translates it, with `local:` files read from the config dir; its output
+/// passes ignition-validate and is the rendered config once both are
+/// reduced to what they install: the same directories, the same files with
+/// the same modes and bytes, the same units, in the same order, and no key
+/// either has that the other lacks. Any drift between the two fails here.
 #[test]
 fn butane_snippet_installs_what_render_emits() {
+    let butane = built_binary("butane");
+    let validator = Validator::new();
     let (_, dir) = valid_config_dirs().remove(0);
-    let bundle = cluster_agent::provision::Bundle::load(dir.path()).unwrap();
-    let rendered = bundle.ignition(bundle.node("cp-1").unwrap());
 
-    let path = repo().join("ignition-snippets/cluster-agent.bu");
-    let snippet: Value = serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap())
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(snippet["variant"], "flatcar");
-    // Butane's flatcar 1.1.0 is the variant that emits Ignition 3.4.0.
-    assert_eq!(snippet["version"], "1.1.0");
-
-    let mode = |v: &Value| v["mode"].as_u64().expect("an integer mode (write 0o...)") as u32;
-    let dirs: Vec<(String, u32)> = snippet["storage"]["directories"]
-        .as_array()
+    let mut snippets: Vec<PathBuf> = std::fs::read_dir(repo().join("ignition-snippets"))
         .unwrap()
-        .iter()
-        .map(|d| (d["path"].as_str().unwrap().to_string(), mode(d)))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "bu"))
         .collect();
-    let rendered_dirs: Vec<(String, u32)> = rendered
-        .storage
-        .directories
-        .iter()
-        .map(|d| (d.path.clone(), d.mode))
-        .collect();
-    assert_eq!(dirs, rendered_dirs);
+    snippets.sort();
+    assert!(!snippets.is_empty(), "no ignition-snippets/*.bu");
+    for snippet in &snippets {
+        let what = snippet.strip_prefix(repo()).unwrap().display().to_string();
+        let translated = Command::new(&butane)
+            .arg("--strict")
+            .arg("--files-dir")
+            .arg(dir.path())
+            .arg(snippet)
+            .output()
+            .unwrap();
+        assert!(
+            translated.status.success() && translated.stderr.is_empty(),
+            "{what}: butane --strict: {}",
+            text(&translated)
+        );
+        validator.assert_valid(&what, &translated.stdout);
+        let translated = installed(&serde_json::from_slice(&translated.stdout).unwrap());
 
-    let files: Vec<(String, bool, u32, Vec<u8>)> = snippet["storage"]["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            let contents = &f["contents"];
-            let bytes = match (contents["inline"].as_str(), contents["local"].as_str()) {
-                (Some(inline), None) => inline.as_bytes().to_vec(),
-                (None, Some(local)) => std::fs::read(dir.path().join(local)).unwrap(),
-                _ => panic!("{f}: contents must be inline or local"),
-            };
-            (
-                f["path"].as_str().unwrap().to_string(),
-                f["overwrite"].as_bool().unwrap_or(false),
-                mode(f),
-                bytes,
-            )
-        })
-        .collect();
-    let rendered_files: Vec<(String, bool, u32, Vec<u8>)> = rendered
-        .storage
-        .files
-        .iter()
-        .map(|f| {
-            (
-                f.path.clone(),
-                f.overwrite,
-                f.mode,
-                decode(&f.contents.source),
-            )
-        })
-        .collect();
-    assert_eq!(files, rendered_files);
+        let identity = translated["storage"]["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["path"] == "/etc/cluster-config/node-identity")
+            .unwrap_or_else(|| panic!("{what} installs no node-identity"));
+        let node = identity["contents"]["written"]["text"]
+            .as_str()
+            .unwrap()
+            .trim();
+        let rendered = render(dir.path(), &["ignition", "--node", node]);
+        assert!(rendered.status.success(), "{}", text(&rendered));
+        let rendered = installed(&serde_json::from_slice(&rendered.stdout).unwrap());
 
-    let units: Vec<(String, Option<bool>, String)> = snippet["systemd"]["units"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| {
-            (
-                u["name"].as_str().unwrap().to_string(),
-                u["enabled"].as_bool(),
-                u["contents"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    let rendered_units: Vec<(String, Option<bool>, String)> = rendered
-        .systemd
-        .units
-        .iter()
-        .map(|u| (u.name.clone(), u.enabled, u.contents.clone()))
-        .collect();
-    assert_eq!(units, rendered_units);
+        let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap();
+        assert!(
+            translated == rendered,
+            "{what} through butane and `render ignition --node {node}` install different \
+             things:\nbutane:\n{}\nrender:\n{}",
+            pretty(&translated),
+            pretty(&rendered)
+        );
+    }
 }

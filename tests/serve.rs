@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::Value;
 
-use support::{AGENT, built_binary, copy_tree, require_tool, text};
+use support::ignition::Validator;
+use support::{AGENT, copy_tree, require_tool, text};
 
 const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 const CP1_MAC: &str = "52:54:00:aa:bb:01";
@@ -240,20 +241,6 @@ fn start_serve(segment: &Segment, dir: &Path, config: &Path, extra: &[&str]) -> 
     serve
 }
 
-fn validate_ignition(what: &str, bytes: &[u8]) {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), bytes).unwrap();
-    let out = Command::new(built_binary("ignition-validate"))
-        .arg(file.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "ignition-validate on {what}: {}",
-        text(&out)
-    );
-}
-
 /// The CA a pointer names, written where curl can read it.
 fn pointer_ca(pointer: &Value, dir: &Path) -> PathBuf {
     let source = pointer["ignition"]["security"]["tls"]["certificateAuthorities"][0]["source"]
@@ -328,7 +315,7 @@ fn each_machine_gets_only_its_own_config_over_tls_and_only_once_until_rearmed() 
         None,
     );
     assert_eq!(status, 200);
-    validate_ignition("serve's pointer", &pointer);
+    Validator::new().assert_valid("serve's pointer", &pointer);
     let pointer: Value = serde_json::from_slice(&pointer).unwrap();
     let want = rendered(&config, "cp-1");
     let hash = ring::digest::digest(&ring::digest::SHA512, &want);

@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 
 pub mod dbus;
 pub mod etcd;
+pub mod ignition;
 pub mod node_csr;
 pub mod nspawn;
 pub mod oci;
@@ -25,8 +26,8 @@ pub fn built_binary(name: &str) -> PathBuf {
     let path = built_bin_dir().join(name);
     assert!(
         path.is_file(),
-        "{} is missing: run `.ci/setup` (it builds etcd, Kubernetes and containerd with \
-         tools/kube-bins/build)",
+        "{} is missing: run `.ci/setup` (it builds etcd, Kubernetes, containerd, \
+         ignition-validate and butane with tools/kube-bins/build)",
         path.display()
     );
     path
