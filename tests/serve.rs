@@ -481,15 +481,38 @@ fn with_pxe_it_runs_a_proxy_dhcp_and_tftp_of_ipxe_and_stops_it_on_exit() {
     let mut serve = serve;
     serve.signal(nix::sys::signal::Signal::SIGINT);
     assert!(serve.child.wait().unwrap().success(), "{}", serve.log());
-    let leftover = Command::new("ip")
-        .args(["netns", "pids", &segment.server_ns()])
+    assert_eq!(pids_in(&segment.server_ns()), "", "processes left behind");
+
+    // SIGKILLed, serve cannot stop dnsmasq itself: dnsmasq must go anyway,
+    // or a DHCP proxy would go on answering on the segment.
+    let mut serve = start_serve(&segment, dir.path(), &config, &["--pxe-interface", "br0"]);
+    assert_ne!(pids_in(&segment.server_ns()), "");
+    serve.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = serve.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pids_in(&segment.server_ns()).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "dnsmasq outlived a SIGKILLed serve: {}",
+            text(
+                &Command::new("ps")
+                    .args(["-o", "pid,ppid,args", "-p"])
+                    .arg(pids_in(&segment.server_ns()).replace('\n', ","))
+                    .output()
+                    .unwrap()
+            )
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The pids of the processes in network namespace `ns`, one a line.
+fn pids_in(ns: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "pids", ns])
         .output()
         .unwrap();
-    assert!(
-        leftover.stdout.is_empty(),
-        "processes left in the server's namespace: {}",
-        text(&leftover)
-    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[test]

@@ -146,6 +146,10 @@ pub fn render(settings: &PxeSettings) -> String {
     format!(
         "# Rendered by cluster-agent serve; removed when it stops.\n\
          port=0\n\
+         # Dropping to another user or group would clear dnsmasq's parent-death\n\
+         # signal, and a SIGKILLed serve would leave a DHCP proxy on the segment.\n\
+         user=root\n\
+         group=root\n\
          interface={interface}\n\
          bind-interfaces\n\
          dhcp-range={network_address},proxy,{netmask}\n\
@@ -197,7 +201,24 @@ impl Dnsmasq {
             path: config.clone(),
             source,
         })?;
-        let mut child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        // SAFETY: only async-signal-safe calls (prctl, getppid) between fork
+        // and exec.
+        unsafe {
+            command.pre_exec(|| {
+                // A SIGKILLed serve must not leave a DHCP proxy answering on
+                // the segment. The signal follows the forking thread, which
+                // is the main one (`serve` runs on the runtime's block_on),
+                // and survives exec but not a change of user: hence
+                // `user=root` and `group=root` in the config.
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+                if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
+                    return Err(std::io::Error::other("serve exited while dnsmasq started"));
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
             .arg("--keep-in-foreground")
             .arg("--log-facility=-")
             .arg(format!("--conf-file={}", config.display()))
