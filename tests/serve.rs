@@ -49,12 +49,11 @@ impl Segment {
         let n = SEGMENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = std::process::id();
         let segment = Segment {
-            tag: format!("cas{}{n}", pid % 10_000),
+            tag: format!("cas-{pid}-{n}"),
             prefix: format!("10.253.{}", (pid * 4 + n) % 250),
             machines: vec![],
         };
         let server = segment.server_ns();
-        let _ = Command::new("ip").args(["netns", "del", &server]).output();
         ip(&["netns", "add", &server]);
         ip(&["-n", &server, "link", "set", "lo", "up"]);
         ip(&["-n", &server, "link", "add", "br0", "type", "bridge"]);
@@ -82,8 +81,15 @@ impl Segment {
     /// A machine at `<prefix>.<host>` with link-layer address `mac`.
     fn machine(&mut self, host: u8, mac: &str) -> String {
         let ns = format!("{}-m{host}", self.tag);
-        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         ip(&["netns", "add", &ns]);
+        // Two machines with one MAC on a bridge: IPv6's own chatter would
+        // move the bridge's forwarding entry between them mid-request.
+        let sysctl = self
+            .on(&ns, "sysctl")
+            .args(["-qw", "net.ipv6.conf.all.disable_ipv6=1"])
+            .output()
+            .unwrap();
+        assert!(sysctl.status.success(), "{}", text(&sysctl));
         self.machines.push(ns.clone());
         let port = format!("m{host}");
         ip(&[
@@ -277,6 +283,11 @@ fn each_machine_gets_only_its_own_config_over_tls_and_only_once_until_rearmed() 
     )
     .unwrap();
     std::fs::write(dir.path().join("secret-next-door"), b"not an asset").unwrap();
+    // Matchbox's layout: `current` points at a release inside the assets.
+    std::fs::create_dir_all(dir.path().join("assets/flatcar/4081.2.0")).unwrap();
+    std::fs::write(dir.path().join("assets/flatcar/4081.2.0/k"), b"release").unwrap();
+    std::os::unix::fs::symlink("4081.2.0", dir.path().join("assets/flatcar/current")).unwrap();
+    std::os::unix::fs::symlink("../secret-next-door", dir.path().join("assets/escape")).unwrap();
     let mut segment = Segment::new();
     let cp1 = segment.machine(11, CP1_MAC);
     let stranger = segment.machine(21, STRANGER_MAC);
@@ -379,6 +390,7 @@ fn each_machine_gets_only_its_own_config_over_tls_and_only_once_until_rearmed() 
         "/assets/%2e%2e/secret-next-door",
         "/assets/../secret-next-door",
         "/cluster/cluster.yaml",
+        "/assets/escape",
     ] {
         let mut command = segment.on(&stranger, require_tool("curl", "curl"));
         let out = command
@@ -410,6 +422,16 @@ fn each_machine_gets_only_its_own_config_over_tls_and_only_once_until_rearmed() 
         (200, b"kernel".to_vec())
     );
 
+    assert_eq!(
+        fetch(
+            &segment,
+            &stranger,
+            &format!("{http}/assets/flatcar/current/k"),
+            None
+        ),
+        (200, b"release".to_vec())
+    );
+
     // The log names MAC, node and source of each request, and never the secret.
     let log = serve.log();
     assert!(
@@ -419,8 +441,16 @@ fn each_machine_gets_only_its_own_config_over_tls_and_only_once_until_rearmed() 
             && l.contains(&format!("{}.11", segment.prefix))),
         "{log}"
     );
-    let secret_b64 = base64::engine::general_purpose::STANDARD.encode(SECRET);
-    assert!(!log.contains(&secret_b64) && !log.contains(std::str::from_utf8(SECRET).unwrap()));
+    let worker_secret = cluster_agent::join::JoinKeys::worker_secret(SECRET, "prod");
+    for secret in [SECRET, &worker_secret[..]] {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(secret);
+        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(
+            !log.contains(&b64) && !log.contains(&hex),
+            "a secret in the log"
+        );
+    }
+    assert!(!log.contains(std::str::from_utf8(SECRET).unwrap()));
 
     // SIGTERM: a clean exit, nothing left behind.
     let mut serve = serve;
@@ -482,6 +512,7 @@ fn with_pxe_it_runs_a_proxy_dhcp_and_tftp_of_ipxe_and_stops_it_on_exit() {
     serve.signal(nix::sys::signal::Signal::SIGINT);
     assert!(serve.child.wait().unwrap().success(), "{}", serve.log());
     assert_eq!(pids_in(&segment.server_ns()), "", "processes left behind");
+    assert!(!dir.path().join("run").exists(), "serve left its run dir");
 
     // SIGKILLed, serve cannot stop dnsmasq itself: dnsmasq must go anyway,
     // or a DHCP proxy would go on answering on the segment.
@@ -536,7 +567,7 @@ fn a_wildcard_listen_address_or_missing_assets_dir_is_a_usage_error() {
     ]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
-        text(&out).contains("--listen 0.0.0.0:18080 has no concrete address"),
+        text(&out).contains("--listen 0.0.0.0:18080 is not a concrete IPv4 address"),
         "{}",
         text(&out)
     );

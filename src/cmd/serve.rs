@@ -1,7 +1,10 @@
 //! `serve`: the bootstrap machine's server, until Ctrl-C or SIGTERM.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::cli::{DEFAULT_TLS_PORT, ServeArgs};
 use crate::fsutil;
@@ -11,17 +14,29 @@ use crate::provision::serve::{BootServer, NEIGHBOUR_TABLE, ServeError, ServeOpti
 use crate::provision::{Bundle, matchbox};
 
 use super::render::cli_error;
-use super::serve_join::shutdown_signal;
 use super::{CliError, EXIT_OK};
 
 pub const DEFAULT_RUN_DIR: &str = "/run/cluster-agent/serve";
 pub const PID_FILE: &str = "serve.pid";
 
+#[derive(Debug, thiserror::Error)]
+enum RunDirError {
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Write(#[from] fsutil::WriteError),
+}
+
 fn serve_error(e: ServeError) -> CliError {
     match e {
-        ServeError::Unspecified { .. } | ServeError::Assets { .. } => {
-            CliError::Usage(crate::error_chain(&e))
-        }
+        ServeError::NotConcrete { .. }
+        | ServeError::Interface { .. }
+        | ServeError::Assets { .. } => CliError::Usage(crate::error_chain(&e)),
         other => CliError::Failed(crate::error_chain(&other)),
     }
 }
@@ -36,7 +51,44 @@ fn pxe_error(e: PxeError) -> CliError {
     }
 }
 
+/// The signals serve answers, hooked before anything else happens, so that
+/// a signal sent once the pid file exists never meets the default action
+/// (which would leave the pid file and dnsmasq behind).
+struct Signals {
+    terminate: Signal,
+    interrupt: Signal,
+    hangup: Signal,
+}
+
+impl Signals {
+    fn hook() -> Result<Signals, CliError> {
+        let hook = |kind| {
+            signal(kind).map_err(|e| CliError::Failed(format!("hooking signal {kind:?}: {e}")))
+        };
+        Ok(Signals {
+            terminate: hook(SignalKind::terminate())?,
+            interrupt: hook(SignalKind::interrupt())?,
+            hangup: hook(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// A machine may open a connection per listener and asset; the default
+/// soft limit of 1024 descriptors would be the first thing a busy rack
+/// (or a hostile client) exhausts.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!("raising the open-file limit to {hard}: {e}");
+    }
+}
+
 pub async fn serve(paths: &HostPaths, args: &ServeArgs) -> Result<i32, CliError> {
+    let signals = Signals::hook()?;
+    raise_open_file_limit();
     let bundle = Bundle::load(paths.config_dir()).map_err(cli_error)?;
     if let Err(e) = matchbox::require_macs(&bundle.config) {
         tracing::warn!("{e}");
@@ -52,50 +104,64 @@ pub async fn serve(paths: &HostPaths, args: &ServeArgs) -> Result<i32, CliError>
         initrd: provisioning.initrd.clone(),
         neighbour_table: NEIGHBOUR_TABLE.into(),
     };
-    for asset in [&options.kernel, &options.initrd] {
-        if !options.assets.join(asset).is_file() {
-            tracing::warn!(
-                "{} is missing: machines will fail to boot until it is there (Flatcar's PXE images, named by cluster.provisioning)",
-                options.assets.join(asset).display()
-            );
-        }
-    }
     let server = Arc::new(BootServer::new(&bundle, options.clone()).map_err(serve_error)?);
-    let listeners = server.bind().await.map_err(serve_error)?;
+    for asset in server.missing_assets() {
+        tracing::warn!(
+            "{asset} is missing from {}: machines fail to boot until it is there (Flatcar's PXE images, named by cluster.provisioning)",
+            options.assets.display()
+        );
+    }
+    let listeners = server.bind().map_err(serve_error)?;
     let run_dir = args
         .run_dir
         .clone()
         .unwrap_or_else(|| paths.host(DEFAULT_RUN_DIR));
-    let failed = |what: &str, e: &dyn std::fmt::Display| {
-        CliError::Failed(format!("{what} {}: {e}", run_dir.display()))
-    };
-    fsutil::create_dir_all_durable(&run_dir).map_err(|e| failed("creating", &e))?;
+    let created = claim_run_dir(&run_dir).map_err(|e| CliError::Failed(crate::error_chain(&e)))?;
     let pid_file = run_dir.join(PID_FILE);
-    fsutil::write_atomic(
+    let result = match fsutil::write_atomic(
         &pid_file,
         format!("{}\n", std::process::id()).as_bytes(),
         fsutil::PUBLIC_MODE,
-    )
-    .map_err(|e| failed("writing the pid file in", &e))?;
-
-    let result = serve_until_stopped(paths, args, &run_dir, server, listeners, &options).await;
+    ) {
+        Ok(()) => {
+            serve_until_stopped(paths, args, &run_dir, signals, server, listeners, &options).await
+        }
+        Err(e) => Err(CliError::Failed(crate::error_chain(&e))),
+    };
     let _ = fsutil::remove_durable(&pid_file);
-    let _ = std::fs::remove_dir(&run_dir);
+    if created {
+        let _ = std::fs::remove_dir(&run_dir);
+    }
     result
+}
+
+/// Creates the run dir unless it exists; `true` when serve made it (and so
+/// removes it on exit: an operator's own directory stays).
+fn claim_run_dir(dir: &Path) -> Result<bool, RunDirError> {
+    if dir.is_dir() {
+        return Ok(false);
+    }
+    fsutil::create_dir_all_durable(dir).map_err(|source| RunDirError::Io {
+        what: "creating",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    Ok(true)
 }
 
 async fn serve_until_stopped(
     paths: &HostPaths,
     args: &ServeArgs,
-    run_dir: &std::path::Path,
+    run_dir: &Path,
+    mut signals: Signals,
     server: Arc<BootServer>,
     listeners: (tokio::net::TcpListener, tokio::net::TcpListener),
     options: &ServeOptions,
 ) -> Result<i32, CliError> {
     let mut dnsmasq = match &args.pxe_interface {
         Some(interface) => {
-            let settings = PxeSettings::for_interface(paths, interface, options.listen, run_dir)
-                .map_err(pxe_error)?;
+            let settings =
+                PxeSettings::for_interface(paths, interface, options.listen).map_err(pxe_error)?;
             Some(
                 Dnsmasq::start(paths, run_dir, &settings)
                     .await
@@ -104,20 +170,8 @@ async fn serve_until_stopped(
         }
         None => None,
     };
-    let rearm = {
-        let server = server.clone();
-        async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-                return std::future::pending().await;
-            };
-            while hangup.recv().await.is_some() {
-                server.rearm();
-            }
-        }
-    };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server.serve(listeners, async move {
+    let serving = tokio::spawn(server.clone().serve(listeners, async move {
         let _ = stopped.await;
     }));
     eprintln!(
@@ -129,19 +183,22 @@ async fn serve_until_stopped(
             .map(|i| format!(", PXE on {i}"))
             .unwrap_or_default()
     );
-    let dnsmasq_exit = async {
-        match dnsmasq.as_mut() {
-            Some(d) => d.exited().await,
-            None => std::future::pending().await,
+    let outcome = loop {
+        let dnsmasq_exit = async {
+            match dnsmasq.as_mut() {
+                Some(d) => d.exited().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = signals.terminate.recv() => break Ok(EXIT_OK),
+            _ = signals.interrupt.recv() => break Ok(EXIT_OK),
+            _ = signals.hangup.recv() => server.rearm(),
+            status = dnsmasq_exit => break Err(CliError::Failed(format!(
+                "dnsmasq exited ({}); PXE stopped, so serve stops too: its log is above",
+                status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
+            ))),
         }
-    };
-    let outcome = tokio::select! {
-        _ = shutdown_signal() => Ok(EXIT_OK),
-        _ = rearm => Ok(EXIT_OK),
-        status = dnsmasq_exit => Err(CliError::Failed(format!(
-            "dnsmasq exited ({}); PXE stopped, so serve stops too: its log is above",
-            status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
-        ))),
     };
     let _ = stop.send(());
     let _ = serving.await;

@@ -153,7 +153,12 @@ pub fn ephemeral_serving(
     sans: std::collections::BTreeSet<San>,
     validity: Duration,
 ) -> Result<EphemeralServing, PkiError> {
-    let now = OffsetDateTime::now_utc();
+    // Machines PXE-boot on hardware clocks, some set to local time west of
+    // UTC or reset by a dead battery: a certificate "not yet valid" for them
+    // would stall Ignition silently. Nothing is kept, so backdating costs
+    // nothing.
+    let now = OffsetDateTime::now_utc() - Duration::days(2);
+    let validity = validity + Duration::days(2);
     let ca_key = cert::generate_key(common_name)?;
     let ca_pem = cert::self_signed_ca(&format!("{common_name} CA"), &ca_key, now, validity)?;
     let key = cert::generate_key(common_name)?;

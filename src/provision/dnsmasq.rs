@@ -22,7 +22,6 @@ pub const DNSMASQ: &str = "dnsmasq";
 pub const IPXE_DIR: &str = "/usr/lib/ipxe";
 pub const IPXE_IMAGES: [&str; 2] = ["undionly.kpxe", "ipxe.efi"];
 const CONFIG_FILE: &str = "dnsmasq.conf";
-const LEASE_FILE: &str = "dnsmasq.leases";
 /// DHCP and TFTP, whose sockets show dnsmasq is serving.
 const DHCP_PORT: u16 = 67;
 const TFTP_PORT: u16 = 69;
@@ -79,7 +78,6 @@ pub struct PxeSettings {
     pub network: Ipv4Net,
     pub boot_url: String,
     pub tftp_root: PathBuf,
-    pub lease_file: PathBuf,
 }
 
 impl PxeSettings {
@@ -89,7 +87,6 @@ impl PxeSettings {
         paths: &HostPaths,
         interface: &str,
         listen: SocketAddr,
-        run_dir: &Path,
     ) -> Result<PxeSettings, PxeError> {
         let tftp_root = paths.host(IPXE_DIR);
         for image in IPXE_IMAGES {
@@ -128,7 +125,6 @@ impl PxeSettings {
             network,
             boot_url: format!("http://{listen}/boot.ipxe"),
             tftp_root,
-            lease_file: run_dir.join(LEASE_FILE),
         })
     }
 }
@@ -141,7 +137,6 @@ pub fn render(settings: &PxeSettings) -> String {
         network,
         boot_url,
         tftp_root,
-        lease_file,
     } = settings;
     format!(
         "# Rendered by cluster-agent serve; removed when it stops.\n\
@@ -153,19 +148,20 @@ pub fn render(settings: &PxeSettings) -> String {
          interface={interface}\n\
          bind-interfaces\n\
          dhcp-range={network_address},proxy,{netmask}\n\
-         dhcp-leasefile={lease_file}\n\
+         leasefile-ro\n\
          log-dhcp\n\
          # iPXE says so in its DHCP user class; firmware PXE does not.\n\
          dhcp-userclass=set:ipxe,iPXE\n\
          pxe-service=tag:!ipxe,x86PC,\"Chain to iPXE\",undionly.kpxe\n\
          pxe-service=tag:!ipxe,X86-64_EFI,\"Chain to iPXE\",ipxe.efi\n\
+         pxe-service=tag:!ipxe,BC_EFI,\"Chain to iPXE\",ipxe.efi\n\
          pxe-service=tag:ipxe,x86PC,\"cluster-agent serve\",{boot_url}\n\
          pxe-service=tag:ipxe,X86-64_EFI,\"cluster-agent serve\",{boot_url}\n\
+         pxe-service=tag:ipxe,BC_EFI,\"cluster-agent serve\",{boot_url}\n\
          enable-tftp\n\
          tftp-root={tftp_root}\n",
         network_address = network.network(),
         netmask = network.netmask(),
-        lease_file = lease_file.display(),
         tftp_root = tftp_root.display(),
     )
 }
@@ -239,7 +235,10 @@ impl Dnsmasq {
                 }
             });
         }
+        // From here on, dropping `dnsmasq` kills it; its config goes with
+        // it on every early return below.
         let mut dnsmasq = Dnsmasq { child, config };
+        let pid = dnsmasq.child.id().unwrap_or_default();
         let child = &mut dnsmasq.child;
         let started = crate::wait::poll_until(
             "dnsmasq to bind DHCP and TFTP",
@@ -251,7 +250,9 @@ impl Dnsmasq {
                     match exited {
                         Ok(Some(status)) => Poll::Ready(Err(PxeError::Exited { status })),
                         Err(source) => Poll::Ready(Err(PxeError::Wait(source))),
-                        Ok(None) if udp_bound(DHCP_PORT) && udp_bound(TFTP_PORT) => {
+                        Ok(None)
+                            if udp_bound_by(pid, DHCP_PORT) && udp_bound_by(pid, TFTP_PORT) =>
+                        {
                             Poll::Ready(Ok(()))
                         }
                         Ok(None) => Poll::Pending("not bound yet".into()),
@@ -259,8 +260,16 @@ impl Dnsmasq {
                 }
             },
         )
-        .await?;
-        started.map(|()| dnsmasq)
+        .await
+        .map_err(PxeError::from)
+        .and_then(|started| started);
+        match started {
+            Ok(()) => Ok(dnsmasq),
+            Err(e) => {
+                dnsmasq.stop().await;
+                Err(e)
+            }
+        }
     }
 
     /// Resolves when dnsmasq exits on its own.
@@ -276,17 +285,34 @@ impl Dnsmasq {
     }
 }
 
-/// Whether any socket in this network namespace is bound to UDP `port`.
-fn udp_bound(port: u16) -> bool {
+/// Whether process `pid` holds a socket bound to UDP `port` (another
+/// DHCP server on the machine, libvirt's say, must not pass for ours).
+fn udp_bound_by(pid: u32, port: u16) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let inodes: std::collections::HashSet<String> = fds
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy();
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
     let Ok(table) = std::fs::read_to_string("/proc/net/udp") else {
         return false;
     };
     let wanted = format!(":{port:04X}");
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| line.split_whitespace().nth(1))
-        .any(|local| local.ends_with(&wanted))
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(1).is_some_and(|local| local.ends_with(&wanted))
+            && fields.get(9).is_some_and(|inode| inodes.contains(*inode))
+    })
 }
 
 #[cfg(test)]
@@ -300,7 +326,6 @@ mod tests {
             network: "10.9.0.0/24".parse().unwrap(),
             boot_url: "http://10.9.0.1:8080/boot.ipxe".into(),
             tftp_root: "/usr/lib/ipxe".into(),
-            lease_file: "/run/cluster-agent/serve/dnsmasq.leases".into(),
         };
         let conf = render(&settings);
         for line in [

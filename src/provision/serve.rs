@@ -13,8 +13,12 @@
 //!   (SIGHUP). A second machine asking for a config already fetched is
 //!   refused loudly: either a machine re-booted with another address, or
 //!   something on the segment is harvesting secrets.
-//! - Loopback sources are the bootstrap machine itself, which already holds
-//!   the config dir: they are served without binding anything.
+//! - Both listeners are bound to the interface their address is on, and
+//!   the neighbour entry must be on that interface, inside its network: a
+//!   host on another network of the bootstrap machine (its Wi-Fi, a VM
+//!   bridge) cannot pass the check by routing to the address.
+//! - No source is exempt, loopback included (any local user could bind
+//!   127.0.0.1): the operator has `render ignition`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
@@ -51,11 +55,18 @@ const CERT_VALIDITY: time::Duration = time::Duration::days(7);
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(
-        "--{flag} {addr} has no concrete address; give the address the machines reach this one by (it goes into their iPXE scripts and the TLS certificate)"
+        "--{flag} {addr} is not a concrete IPv4 address and port; give the address the machines reach this one by on their segment (it goes into their iPXE scripts and the TLS certificate)"
     )]
-    Unspecified {
+    NotConcrete {
         flag: &'static str,
         addr: SocketAddr,
+    },
+    #[error("--{flag} {addr}: {source}")]
+    Interface {
+        flag: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: crate::hostnet::HostNetError,
     },
     #[error("the assets directory {}: {source}", path.display())]
     Assets {
@@ -86,6 +97,44 @@ pub struct ServeOptions {
     pub neighbour_table: PathBuf,
 }
 
+/// The interface a listener's address is on, and its networks: where the
+/// machines must be.
+#[derive(Debug, Clone)]
+struct Segment {
+    interface: String,
+    networks: Vec<ipnet::Ipv4Net>,
+}
+
+impl Segment {
+    fn of(flag: &'static str, addr: SocketAddr) -> Result<(Ipv4Addr, Segment), ServeError> {
+        let ip = match addr.ip().to_canonical() {
+            IpAddr::V4(ip) if !ip.is_unspecified() && addr.port() != 0 => ip,
+            _ => return Err(ServeError::NotConcrete { flag, addr }),
+        };
+        let interface = crate::hostnet::interface_with(ip)
+            .map_err(|source| ServeError::Interface { flag, addr, source })?
+            .name;
+        let networks = crate::hostnet::ipv4_networks(&interface)
+            .map_err(|source| ServeError::Interface { flag, addr, source })?;
+        Ok((
+            ip,
+            Segment {
+                interface,
+                networks,
+            },
+        ))
+    }
+}
+
+/// A machine cluster.yaml lists by MAC: its node, and both answers, made
+/// once at start (hashing a config per request would let any client on
+/// the segment burn CPU at will).
+struct Machine {
+    node: String,
+    config: Bytes,
+    pointer: Bytes,
+}
+
 /// Who fetched a node's config first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Binding {
@@ -96,12 +145,18 @@ struct Binding {
 pub struct BootServer {
     options: ServeOptions,
     assets: PathBuf,
-    nodes_by_mac: HashMap<MacAddr, String>,
-    configs: HashMap<String, Bytes>,
-    ca_pem: String,
+    plain: Segment,
+    secure: Segment,
+    machines: HashMap<MacAddr, Machine>,
     tls: TlsAcceptor,
     bindings: Mutex<HashMap<String, Binding>>,
 }
+
+/// Large reads for assets hundreds of MB long: each read is a trip to the
+/// blocking pool.
+const ASSET_CHUNK: usize = 256 * 1024;
+const IGNITION_TYPE: &str = "application/vnd.coreos.ignition+json";
+const REFUSED: &str = "refused; the reason is in serve's log on the bootstrap machine\n";
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -113,21 +168,15 @@ enum Answer {
 
 /// What one request was about, for its log line.
 #[derive(Default)]
-struct Subject {
+struct Subject<'a> {
     mac: Option<MacAddr>,
-    node: Option<String>,
+    node: Option<&'a str>,
 }
 
 impl BootServer {
     pub fn new(bundle: &Bundle, options: ServeOptions) -> Result<BootServer, ServeError> {
-        for (flag, addr) in [
-            ("listen", options.listen),
-            ("tls-listen", options.tls_listen),
-        ] {
-            if addr.ip().is_unspecified() {
-                return Err(ServeError::Unspecified { flag, addr });
-            }
-        }
+        let (_, plain) = Segment::of("listen", options.listen)?;
+        let (tls_ip, secure) = Segment::of("tls-listen", options.tls_listen)?;
         let assets = options
             .assets
             .canonicalize()
@@ -135,18 +184,9 @@ impl BootServer {
                 path: options.assets.clone(),
                 source,
             })?;
-        let mut nodes_by_mac = HashMap::new();
-        let mut configs = HashMap::new();
-        for node in &bundle.config.nodes {
-            for mac in &node.mac_addresses {
-                nodes_by_mac.insert(*mac, node.name.clone());
-            }
-            let json = ignition::to_json(&bundle.ignition(node));
-            configs.insert(node.name.clone(), Bytes::from(json));
-        }
         let identity = pki::ephemeral_serving(
             "cluster-agent serve",
-            BTreeSet::from([San::Ip(options.tls_listen.ip())]),
+            BTreeSet::from([San::Ip(IpAddr::V4(tls_ip))]),
             CERT_VALIDITY,
         )?;
         let chain = [identity.cert_pem.as_str(), identity.ca_pem.as_str()]
@@ -164,28 +204,63 @@ impl BootServer {
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
+        let mut machines = HashMap::new();
+        for node in &bundle.config.nodes {
+            let config = Bytes::from(ignition::to_json(&bundle.ignition(node)));
+            for mac in &node.mac_addresses {
+                let url = format!(
+                    "https://{}/ignition?mac={}",
+                    options.tls_listen,
+                    ipxe::mac_hyphens(mac)
+                );
+                let pointer = ignition::pointer(&url, &config, &identity.ca_pem);
+                machines.insert(
+                    *mac,
+                    Machine {
+                        node: node.name.clone(),
+                        config: config.clone(),
+                        pointer: Bytes::from(ignition::to_json(&pointer)),
+                    },
+                );
+            }
+        }
         Ok(BootServer {
             options,
             assets,
-            nodes_by_mac,
-            configs,
-            ca_pem: identity.ca_pem,
+            plain,
+            secure,
+            machines,
             tls: TlsAcceptor::from(Arc::new(tls)),
             bindings: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Binds both listeners, so that a busy port fails `serve` at once.
-    pub async fn bind(&self) -> Result<(TcpListener, TcpListener), ServeError> {
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Bind { addr, source })
+    /// Binds both listeners, each to the interface its address is on, so
+    /// that a busy port fails `serve` at once.
+    pub fn bind(&self) -> Result<(TcpListener, TcpListener), ServeError> {
+        let bind = |addr: SocketAddr, segment: &Segment| {
+            let error = |source| ServeError::Bind { addr, source };
+            let socket = tokio::net::TcpSocket::new_v4().map_err(error)?;
+            socket.set_reuseaddr(true).map_err(error)?;
+            socket
+                .bind_device(Some(segment.interface.as_bytes()))
+                .map_err(error)?;
+            socket.bind(addr).map_err(error)?;
+            socket.listen(1024).map_err(error)
         };
         Ok((
-            bind(self.options.listen).await?,
-            bind(self.options.tls_listen).await?,
+            bind(self.options.listen, &self.plain)?,
+            bind(self.options.tls_listen, &self.secure)?,
         ))
+    }
+
+    /// The assets cluster.provisioning names that the directory lacks.
+    pub fn missing_assets(&self) -> Vec<String> {
+        [&self.options.kernel, &self.options.initrd]
+            .into_iter()
+            .filter(|name| self.resolve_asset(Path::new(name)).is_none())
+            .cloned()
+            .collect()
     }
 
     /// Forgets who fetched which config: every node may be served again,
@@ -206,35 +281,23 @@ impl BootServer {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         let (stop, stopped) = tokio::sync::watch::channel(());
-        let plain = {
+        let listen = |listener, tls| {
             let server = self.clone();
             let mut stopped = stopped.clone();
             crate::listener::accept_until(
-                http,
+                listener,
                 MAX_CONNECTIONS,
                 async move {
                     let _ = stopped.changed().await;
                 },
-                move |stream, peer| server.clone().connection(stream, peer, false),
-            )
-        };
-        let secure = {
-            let server = self.clone();
-            let mut stopped = stopped.clone();
-            crate::listener::accept_until(
-                https,
-                MAX_CONNECTIONS,
-                async move {
-                    let _ = stopped.changed().await;
-                },
-                move |stream, peer| server.clone().connection(stream, peer, true),
+                move |stream, peer| server.clone().connection(stream, peer, tls),
             )
         };
         let signal = async move {
             shutdown.await;
             let _ = stop.send(());
         };
-        tokio::join!(plain, secure, signal);
+        tokio::join!(listen(http, false), listen(https, true), signal);
     }
 
     async fn connection(
@@ -258,12 +321,14 @@ impl BootServer {
         let result = if tls {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.tls.accept(stream)).await {
                 Ok(Ok(stream)) => http.serve_connection(TokioIo::new(stream), service).await,
+                // Warnings: a machine whose clock or TLS stack the
+                // certificate does not suit fails here and nowhere else.
                 Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    tracing::warn!(%peer, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
+                    tracing::warn!(%peer, "TLS handshake timed out");
                     return;
                 }
             }
@@ -278,8 +343,17 @@ impl BootServer {
     async fn respond(&self, req: Request<Incoming>, peer: IpAddr, tls: bool) -> Response<Body> {
         let mut subject = Subject::default();
         let path = req.uri().path().to_string();
-        let answer = if !matches!(*req.method(), Method::GET | Method::HEAD) {
-            Answer::Text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into())
+        // A HEAD for a config would bind the node without handing it over.
+        let allowed = match *req.method() {
+            Method::GET => true,
+            Method::HEAD => !(tls && path == "/ignition"),
+            _ => false,
+        };
+        let answer = if !allowed {
+            Answer::Text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed\n".into(),
+            )
         } else {
             self.answer(&path, req.uri().query(), peer, tls, &mut subject)
                 .await
@@ -296,7 +370,7 @@ impl BootServer {
             }
             Answer::Content(kind, bytes) => (StatusCode::OK, kind, bytes.len() as u64, full(bytes)),
             Answer::File(file, length) => {
-                let stream = tokio_util::io::ReaderStream::new(file);
+                let stream = tokio_util::io::ReaderStream::with_capacity(file, ASSET_CHUNK);
                 let frames = futures_util::StreamExt::map(stream, |chunk| chunk.map(Frame::data));
                 (
                     StatusCode::OK,
@@ -324,13 +398,13 @@ impl BootServer {
             .expect("static headers are valid")
     }
 
-    async fn answer(
-        &self,
+    async fn answer<'s>(
+        &'s self,
         path: &str,
         query: Option<&str>,
         peer: IpAddr,
         tls: bool,
-        subject: &mut Subject,
+        subject: &mut Subject<'s>,
     ) -> Answer {
         let not_found = || Answer::Text(StatusCode::NOT_FOUND, "not found\n".into());
         match path {
@@ -339,38 +413,31 @@ impl BootServer {
                 Bytes::from_static(ipxe::BOOT_SCRIPT.as_bytes()),
             ),
             "/ipxe" | "/ignition" => {
-                let node = match self.node_of(query, subject) {
-                    Ok(node) => node,
+                let (mac, machine) = match self.machine_of(query, subject) {
+                    Ok(found) => found,
                     Err(refusal) => return refusal,
                 };
-                let mac = subject.mac.expect("node_of sets the MAC");
                 if path == "/ipxe" {
                     Answer::Content("text/plain", Bytes::from(self.ipxe_script(&mac)))
                 } else if tls {
-                    self.config_for(&node, mac, peer)
+                    self.config_for(machine, mac, peer)
                 } else {
-                    let config = &self.configs[&node];
-                    let url = format!(
-                        "https://{}/ignition?mac={}",
-                        self.options.tls_listen,
-                        ipxe::mac_hyphens(&mac)
-                    );
-                    let pointer = ignition::pointer(&url, config, &self.ca_pem);
-                    Answer::Content(
-                        "application/vnd.coreos.ignition+json",
-                        Bytes::from(ignition::to_json(&pointer)),
-                    )
+                    Answer::Content(IGNITION_TYPE, machine.pointer.clone())
                 }
             }
             _ => match path.strip_prefix("/assets/").and_then(asset_path) {
-                Some(relative) => self.asset(&relative).await.unwrap_or_else(not_found),
+                Some(relative) => self.asset(relative).await.unwrap_or_else(not_found),
                 None => not_found(),
             },
         }
     }
 
-    /// The node the request's `mac` names, or the refusal to send.
-    fn node_of(&self, query: Option<&str>, subject: &mut Subject) -> Result<String, Answer> {
+    /// The machine the request's `mac` names, or the refusal to send.
+    fn machine_of<'s>(
+        &'s self,
+        query: Option<&str>,
+        subject: &mut Subject<'s>,
+    ) -> Result<(MacAddr, &'s Machine), Answer> {
         let asked = query_param(query.unwrap_or_default(), "mac");
         let Some(mac) = asked.as_deref().and_then(MacAddr::parse) else {
             return Err(Answer::Text(
@@ -379,15 +446,15 @@ impl BootServer {
             ));
         };
         subject.mac = Some(mac);
-        let Some(node) = self.nodes_by_mac.get(&mac) else {
+        let Some(machine) = self.machines.get(&mac) else {
             tracing::warn!(%mac, "no node in cluster.yaml has this MAC; add it to the node's mac_addresses to provision that machine");
             return Err(Answer::Text(
                 StatusCode::NOT_FOUND,
                 format!("no node has MAC {mac}\n"),
             ));
         };
-        subject.node = Some(node.clone());
-        Ok(node.clone())
+        subject.node = Some(&machine.node);
+        Ok((mac, machine))
     }
 
     fn ipxe_script(&self, mac: &MacAddr) -> String {
@@ -400,67 +467,101 @@ impl BootServer {
         )
     }
 
-    fn config_for(&self, node: &str, mac: MacAddr, peer: IpAddr) -> Answer {
-        let refuse = |reason: String| {
+    fn config_for(&self, machine: &Machine, mac: MacAddr, peer: IpAddr) -> Answer {
+        let node = machine.node.as_str();
+        // The reason goes to the operator's log only: the requester learns
+        // nothing about who fetched first or what this server sees.
+        let refuse = |status: StatusCode, reason: String| {
             tracing::warn!(node, %mac, source = %peer, "config refused: {reason}");
-            Answer::Text(StatusCode::FORBIDDEN, format!("{reason}\n"))
+            Answer::Text(status, REFUSED.into())
         };
-        let config = Answer::Content(
-            "application/vnd.coreos.ignition+json",
-            self.configs[node].clone(),
-        );
-        if peer.is_loopback() {
-            return config;
-        }
         let IpAddr::V4(source) = peer else {
-            return refuse(format!(
-                "{peer} is an IPv6 source, whose link-layer address this server does not check; provision over IPv4"
-            ));
+            return refuse(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{peer} is not an IPv4 source, whose link-layer address this server checks; provision over IPv4"
+                ),
+            );
         };
+        let segment = &self.secure;
+        if !segment.networks.iter().any(|n| n.contains(&source)) {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{source} is not on {}'s networks; serve must be on the nodes' own L2 segment",
+                    segment.interface
+                ),
+            );
+        }
         match link_address(&self.options.neighbour_table, source) {
-            Some(link) if link == mac => {}
-            Some(link) => {
-                return refuse(format!(
-                    "{source} has link-layer address {link}, not {mac}: a machine may only fetch its own config"
-                ));
+            Err(e) => {
+                return refuse(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("reading {}: {e}", self.options.neighbour_table.display()),
+                );
             }
-            None => {
-                return refuse(format!(
-                    "{source} is not a neighbour of this machine (no resolved entry in {}); serve must be on the nodes' own L2 segment",
-                    self.options.neighbour_table.display()
-                ));
+            Ok(Some(entry)) if entry.mac == mac && entry.device == segment.interface => {}
+            Ok(Some(entry)) => {
+                return refuse(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "{source} is {} on {}, not {mac} on {}: a machine may only fetch its own config, from the segment",
+                        entry.mac, entry.device, segment.interface
+                    ),
+                );
+            }
+            Ok(None) => {
+                return refuse(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "{source} is not a neighbour of this machine (no resolved entry in {}); serve must be on the nodes' own L2 segment",
+                        self.options.neighbour_table.display()
+                    ),
+                );
             }
         }
         let asking = Binding { source: peer, mac };
         let mut bindings = self.lock_bindings();
-        match bindings.get(node) {
-            Some(first) if *first != asking => {
-                let first = *first;
+        match bindings.get(node).copied() {
+            Some(first) if first != asking => {
                 drop(bindings);
-                refuse(format!(
-                    "node {node}'s config was already fetched by {} ({}); if that machine re-booted with another address, re-arm with SIGHUP (or restart serve)",
-                    first.source, first.mac
-                ))
+                refuse(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "node {node}'s config was already fetched by {} ({}); if that machine re-booted with another address, re-arm with SIGHUP (or restart serve)",
+                        first.source, first.mac
+                    ),
+                )
             }
-            Some(_) => config,
+            Some(_) => Answer::Content(IGNITION_TYPE, machine.config.clone()),
             None => {
                 bindings.insert(node.to_string(), asking);
                 tracing::info!(node, %mac, source = %peer, "config fetched; it is now served to this machine only, until SIGHUP");
-                config
+                Answer::Content(IGNITION_TYPE, machine.config.clone())
             }
         }
     }
 
-    async fn asset(&self, relative: &Path) -> Option<Answer> {
-        let path = tokio::fs::canonicalize(self.assets.join(relative))
+    /// `relative` inside the assets directory: symlinks may point within
+    /// it (Matchbox's `current`), never out of it; only regular files.
+    fn resolve_asset(&self, relative: &Path) -> Option<PathBuf> {
+        let path = self.assets.join(relative).canonicalize().ok()?;
+        (path.starts_with(&self.assets) && path.is_file()).then_some(path)
+    }
+
+    async fn asset(&self, relative: PathBuf) -> Option<Answer> {
+        // A few metadata reads on a local directory: not worth a trip to
+        // the blocking pool.
+        let path = self.resolve_asset(&relative)?;
+        // O_NOFOLLOW and the type of what was opened, not of the name: a
+        // component swapped for a symlink after the check, or a FIFO that
+        // would block a reader forever, is refused.
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+            .open(&path)
             .await
             .ok()?;
-        // Symlinks may point within the directory (Matchbox's `current`),
-        // never out of it.
-        if !path.starts_with(&self.assets) {
-            return None;
-        }
-        let file = tokio::fs::File::open(&path).await.ok()?;
         let meta = file.metadata().await.ok()?;
         meta.is_file().then(|| Answer::File(file, meta.len()))
     }
@@ -486,19 +587,30 @@ fn query_param(query: &str, name: &str) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
-/// `source`'s resolved link-layer address in the kernel's neighbour table.
-pub fn link_address(table: &Path, source: Ipv4Addr) -> Option<MacAddr> {
-    let text = std::fs::read_to_string(table).ok()?;
-    text.lines().skip(1).find_map(|line| {
+/// A resolved entry of the kernel's neighbour table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Neighbour {
+    pub mac: MacAddr,
+    pub device: String,
+}
+
+/// `source`'s resolved entry in the kernel's neighbour table.
+pub fn link_address(table: &Path, source: Ipv4Addr) -> std::io::Result<Option<Neighbour>> {
+    let text = std::fs::read_to_string(table)?;
+    Ok(text.lines().skip(1).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let [ip, _kind, flags, link, ..] = fields.as_slice() else {
+        let [ip, _kind, flags, link, _mask, device] = fields.as_slice() else {
             return None;
         };
         let flags = u32::from_str_radix(flags.trim_start_matches("0x"), 16).ok()?;
-        (ip.parse() == Ok(source) && flags & ARP_COMPLETE != 0)
-            .then(|| MacAddr::parse(link))
-            .flatten()
-    })
+        if ip.parse() != Ok(source) || flags & ARP_COMPLETE == 0 {
+            return None;
+        }
+        Some(Neighbour {
+            mac: MacAddr::parse(link)?,
+            device: device.to_string(),
+        })
+    }))
 }
 
 #[cfg(test)]
@@ -536,12 +648,16 @@ mod tests {
              10.0.0.8         0x1         0x0         00:00:00:00:00:00     *        br0\n",
         )
         .unwrap();
+        let entry = |ip: &str| link_address(&table, ip.parse().unwrap()).unwrap();
         assert_eq!(
-            link_address(&table, "10.0.0.7".parse().unwrap()),
-            MacAddr::parse("52:54:00:aa:bb:01")
+            entry("10.0.0.7"),
+            Some(Neighbour {
+                mac: MacAddr::parse("52:54:00:aa:bb:01").unwrap(),
+                device: "br0".into()
+            })
         );
-        assert_eq!(link_address(&table, "10.0.0.8".parse().unwrap()), None);
-        assert_eq!(link_address(&table, "10.0.0.9".parse().unwrap()), None);
+        assert_eq!(entry("10.0.0.8"), None);
+        assert_eq!(entry("10.0.0.9"), None);
     }
 
     #[test]
