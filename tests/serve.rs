@@ -14,6 +14,7 @@ use base64::Engine as _;
 use serde_json::Value;
 
 use support::ignition::Validator;
+use support::vm::Netns;
 use support::{AGENT, copy_tree, require_tool, text};
 
 const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
@@ -21,25 +22,13 @@ const CP1_MAC: &str = "52:54:00:aa:bb:01";
 const W1_MAC: &str = "52:54:00:aa:bb:11";
 const STRANGER_MAC: &str = "52:54:00:de:ad:01";
 
-fn ip(args: &[&str]) {
-    let out = Command::new(require_tool("ip", "iproute2"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        text(&out)
-    );
-}
-
 /// The server's namespace with a bridge at `<prefix>.1/24`, and a
-/// namespace per machine on it; all removed on drop.
+/// namespace per machine on it; each killed and removed on drop.
 struct Segment {
     tag: String,
     prefix: String,
-    machines: Vec<String>,
+    machines: Vec<Netns>,
+    server: Netns,
 }
 
 impl Segment {
@@ -48,30 +37,22 @@ impl Segment {
         static SEGMENTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = SEGMENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = std::process::id();
-        let segment = Segment {
-            tag: format!("cas-{pid}-{n}"),
-            prefix: format!("10.253.{}", (pid * 4 + n) % 250),
+        let tag = format!("cas-{pid}-{n}");
+        let prefix = format!("10.253.{}", (pid * 4 + n) % 250);
+        let server = Netns::new(&format!("{tag}-srv"));
+        server.ip(&["link", "add", "br0", "type", "bridge", "forward_delay", "0"]);
+        server.ip(&["addr", "add", &format!("{prefix}.1/24"), "dev", "br0"]);
+        server.ip(&["link", "set", "br0", "up"]);
+        Segment {
+            tag,
+            prefix,
             machines: vec![],
-        };
-        let server = segment.server_ns();
-        ip(&["netns", "add", &server]);
-        ip(&["-n", &server, "link", "set", "lo", "up"]);
-        ip(&["-n", &server, "link", "add", "br0", "type", "bridge"]);
-        ip(&[
-            "-n",
-            &server,
-            "addr",
-            "add",
-            &format!("{}.1/24", segment.prefix),
-            "dev",
-            "br0",
-        ]);
-        ip(&["-n", &server, "link", "set", "br0", "up"]);
-        segment
+            server,
+        }
     }
 
     fn server_ns(&self) -> String {
-        format!("{}-srv", self.tag)
+        self.server.name.clone()
     }
 
     fn server_ip(&self) -> String {
@@ -80,54 +61,32 @@ impl Segment {
 
     /// A machine at `<prefix>.<host>` with link-layer address `mac`.
     fn machine(&mut self, host: u8, mac: &str) -> String {
-        let ns = format!("{}-m{host}", self.tag);
-        ip(&["netns", "add", &ns]);
+        let machine = Netns::new(&format!("{}-m{host}", self.tag));
+        let ns = machine.name.clone();
         // Two machines with one MAC on a bridge: IPv6's own chatter would
         // move the bridge's forwarding entry between them mid-request.
-        let sysctl = self
-            .on(&ns, "sysctl")
+        let sysctl = machine
+            .command("sysctl")
             .args(["-qw", "net.ipv6.conf.all.disable_ipv6=1"])
             .output()
             .unwrap();
         assert!(sysctl.status.success(), "{}", text(&sysctl));
-        self.machines.push(ns.clone());
         let port = format!("m{host}");
-        ip(&[
-            "-n",
-            &self.server_ns(),
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &ns,
+        self.server.ip(&[
+            "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
         ]);
-        ip(&[
-            "-n",
-            &self.server_ns(),
-            "link",
-            "set",
-            &port,
-            "master",
-            "br0",
-            "up",
-        ]);
-        ip(&["-n", &ns, "link", "set", "eth0", "address", mac]);
-        ip(&[
-            "-n",
-            &ns,
+        self.server
+            .ip(&["link", "set", &port, "master", "br0", "up"]);
+        machine.ip(&["link", "set", "eth0", "address", mac]);
+        machine.ip(&[
             "addr",
             "add",
             &format!("{}.{host}/24", self.prefix),
             "dev",
             "eth0",
         ]);
-        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
-        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        machine.ip(&["link", "set", "eth0", "up"]);
+        self.machines.push(machine);
         ns
     }
 
@@ -135,14 +94,6 @@ impl Segment {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", ns]).arg(program);
         command
-    }
-}
-
-impl Drop for Segment {
-    fn drop(&mut self) {
-        for ns in self.machines.iter().chain([&self.server_ns()]) {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
     }
 }
 

@@ -12,6 +12,7 @@ pub mod node_csr;
 pub mod nspawn;
 pub mod oci;
 pub mod systemd1_double;
+pub mod vm;
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_cluster-agent");
 
@@ -505,7 +506,9 @@ pub fn require_tool(name: &str, package: &str) -> PathBuf {
     program
 }
 
-fn ip(args: &[&str]) {
+/// Runs `ip args`, which must succeed.
+#[track_caller]
+pub fn ip(args: &[&str]) {
     let out = Command::new(require_tool("ip", "iproute2"))
         .args(args)
         .output()
