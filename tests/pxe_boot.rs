@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use support::vm::{Accel, Console, Cpio, Daemon, Kernel, Netns, clean, qemu_args, until};
-use support::{AGENT, copy_tree, require_tool, text};
+use support::{AGENT, require_tool, text};
 
 /// cp-1 of docs/example, and a MAC no node in it has.
 const NODE: &str = "cp-1";
@@ -166,29 +166,6 @@ fn sha256_hex(data: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-fn config_dir(dir: &Path) -> PathBuf {
-    let config = dir.join("cluster");
-    copy_tree(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/example"),
-        &config,
-    );
-    let secret = config.join("secrets/join-secret");
-    std::fs::create_dir_all(secret.parent().unwrap()).unwrap();
-    std::fs::write(&secret, SECRET).unwrap();
-    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    config
-}
-
-fn rendered(config: &Path, node: &str) -> Vec<u8> {
-    let out = Command::new(AGENT)
-        .args(["--config-dir", config.to_str().unwrap(), "--node", node])
-        .args(["render", "ignition"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    out.stdout
 }
 
 /// The namespaces, bridge and the site's DHCP server. Fields drop in
@@ -454,8 +431,8 @@ fn a_vm_network_boots_through_serve_to_its_own_config_and_a_stranger_gets_none()
     let tools = tools();
     let kernel = Kernel::cached();
     let dir = tempfile::tempdir().unwrap();
-    let config = config_dir(dir.path());
-    let expected = sha256_hex(&rendered(&config, NODE));
+    let config = support::example_config_dir(dir.path(), SECRET);
+    let expected = sha256_hex(&support::rendered_ignition(&config, NODE));
 
     let assets = dir.path().join("assets");
     std::fs::create_dir_all(&assets).unwrap();

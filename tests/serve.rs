@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use support::ignition::Validator;
 use support::vm::Netns;
-use support::{AGENT, copy_tree, require_tool, text};
+use support::{AGENT, require_tool, text};
 
 const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 const CP1_MAC: &str = "52:54:00:aa:bb:01";
@@ -123,35 +123,6 @@ impl Drop for Serve {
     }
 }
 
-fn config_dir(dir: &Path) -> PathBuf {
-    let config = dir.join("cluster");
-    copy_tree(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/example"),
-        &config,
-    );
-    let secret = config.join("secrets/join-secret");
-    std::fs::create_dir_all(secret.parent().unwrap()).unwrap();
-    std::fs::write(&secret, SECRET).unwrap();
-    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    config
-}
-
-fn rendered(config: &Path, node: &str) -> Vec<u8> {
-    let out = Command::new(AGENT)
-        .args([
-            "--config-dir",
-            config.to_str().unwrap(),
-            "--node",
-            node,
-            "render",
-            "ignition",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    out.stdout
-}
-
 /// `curl` from a machine: status and body.
 fn fetch(segment: &Segment, ns: &str, url: &str, ca: Option<&Path>) -> (u16, Vec<u8>) {
     let mut command = segment.on(ns, require_tool("curl", "curl"));
@@ -226,7 +197,7 @@ fn wait_for_line(serve: &Serve, needle: &str) {
 #[test]
 fn each_machine_gets_only_its_own_config_over_tls_and_only_once_until_rearmed() {
     let dir = tempfile::tempdir().unwrap();
-    let config = config_dir(dir.path());
+    let config = support::example_config_dir(dir.path(), SECRET);
     std::fs::create_dir_all(dir.path().join("assets/flatcar")).unwrap();
     std::fs::write(
         dir.path().join("assets/flatcar_production_pxe.vmlinuz"),
@@ -279,7 +250,7 @@ fn each_machine_gets_only_its_own_config_over_tls_and_only_once_until_rearmed() 
     assert_eq!(status, 200);
     Validator::new().assert_valid("serve's pointer", &pointer);
     let pointer: Value = serde_json::from_slice(&pointer).unwrap();
-    let want = rendered(&config, "cp-1");
+    let want = support::rendered_ignition(&config, "cp-1");
     let hash = ring::digest::digest(&ring::digest::SHA512, &want);
     let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     let replace = &pointer["ignition"]["config"]["replace"];
@@ -420,7 +391,7 @@ fn with_pxe_it_runs_a_proxy_dhcp_and_tftp_of_ipxe_and_stops_it_on_exit() {
     );
     let busybox = require_tool("busybox", "busybox-static");
     let dir = tempfile::tempdir().unwrap();
-    let config = config_dir(dir.path());
+    let config = support::example_config_dir(dir.path(), SECRET);
     std::fs::create_dir_all(dir.path().join("assets")).unwrap();
     let mut segment = Segment::new();
     let machine = segment.machine(41, W1_MAC);
@@ -500,7 +471,7 @@ fn pids_in(ns: &str) -> String {
 #[test]
 fn a_wildcard_listen_address_or_missing_assets_dir_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
-    let config = config_dir(dir.path());
+    let config = support::example_config_dir(dir.path(), SECRET);
     std::fs::create_dir_all(dir.path().join("assets")).unwrap();
     let run = |args: &[&str]| -> Output {
         Command::new(AGENT)

@@ -638,3 +638,30 @@ pub fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// docs/example copied to `<dir>/cluster`, with `secret` as its join secret
+/// (0600): the configuration a bootstrap machine serves.
+pub fn example_config_dir(dir: &Path, secret: &[u8]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let config = dir.join("cluster");
+    copy_tree(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/example"),
+        &config,
+    );
+    let path = config.join("secrets/join-secret");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, secret).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    config
+}
+
+/// What `render ignition` prints for `node`.
+pub fn rendered_ignition(config: &Path, node: &str) -> Vec<u8> {
+    let out = Command::new(AGENT)
+        .args(["--config-dir", config.to_str().unwrap(), "--node", node])
+        .args(["render", "ignition"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    out.stdout
+}
